@@ -1,0 +1,180 @@
+"""The one training loop: learning, exact resume, EMA, crash-safe checkpoints, multi-process equivalence."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import unclip.train.checkpoint as checkpoint_module
+from tests.conftest import FAST_CLIP, REPO
+from unclip.io import load_tensors
+from unclip.train.checkpoint import latest_checkpoint
+from unclip.train.ema import EMA
+from unclip.train.trainer import Trainer, learning_rate
+
+
+def _losses(run_dir) -> list[float]:
+    rows = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in rows if "loss" in r]
+
+
+def test_loss_falls_on_a_tiny_problem(compose_cfg, tmp_path):
+    cfg = compose_cfg([*FAST_CLIP, "trainer.max_steps=40", "trainer.log_every=5", "optim.lr=2e-3"])
+    metrics = Trainer(cfg, tmp_path).fit()
+    losses = _losses(tmp_path)
+    assert losses[-1] < 0.8 * losses[0], losses
+    assert set(metrics) == {
+        "eval_seen/colour_acc",
+        "eval_seen/shape_acc",
+        "eval_holdout/colour_acc",
+        "eval_holdout/shape_acc",
+    }
+    assert (tmp_path / "export" / "model.safetensors").is_file()
+
+
+class Interrupt(Exception):
+    pass
+
+
+def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_path, monkeypatch):
+    # 128 examples / micro-batch 8 with 2 accumulation steps: 8 optimizer steps per epoch; stop mid-epoch 2
+    overrides = [
+        *FAST_CLIP,
+        "trainer.max_steps=12",
+        "trainer.checkpoint_every=5",
+        "trainer.grad_accum=2",
+        "trainer.eval_every=5",
+    ]
+    Trainer(compose_cfg(overrides), tmp_path / "straight").fit()
+
+    original = checkpoint_module.save_checkpoint
+
+    def save_then_die(*args, **kwargs):
+        path = original(*args, **kwargs)
+        if path.name.endswith("00000010"):
+            raise Interrupt
+        return path
+
+    monkeypatch.setattr("unclip.train.trainer.save_checkpoint", save_then_die)
+    with pytest.raises(Interrupt):
+        Trainer(compose_cfg(overrides), tmp_path / "broken").fit()
+    monkeypatch.setattr("unclip.train.trainer.save_checkpoint", original)
+    Trainer(compose_cfg([*overrides, "resume=latest"]), tmp_path / "broken").fit()
+
+    for name in ("model.safetensors", "ema.safetensors", "optimizer.safetensors"):
+        a = load_tensors(tmp_path / "straight" / "checkpoints" / "step_00000012" / name)
+        b = load_tensors(tmp_path / "broken" / "checkpoints" / "step_00000012" / name)
+        assert a.keys() == b.keys()
+        assert all(torch.equal(a[k], b[k]) for k in a), name
+
+
+def test_checkpoint_write_killed_midway_leaves_previous_loadable(compose_cfg, tmp_path, monkeypatch):
+    overrides = [*FAST_CLIP, "trainer.max_steps=6", "trainer.checkpoint_every=2"]
+    original = checkpoint_module.save_tensors
+
+    def die_on_step_four(path, *args, **kwargs):
+        if ".tmp-step_00000004" in str(path) and path.name == "ema.safetensors":
+            raise Interrupt  # as if the process were killed while writing
+        return original(path, *args, **kwargs)
+
+    monkeypatch.setattr(checkpoint_module, "save_tensors", die_on_step_four)
+    with pytest.raises(Interrupt):
+        Trainer(compose_cfg(overrides), tmp_path).fit()
+    monkeypatch.setattr(checkpoint_module, "save_tensors", original)
+
+    assert latest_checkpoint(tmp_path).name == "step_00000002"
+    Trainer(compose_cfg([*overrides, "resume=latest"]), tmp_path).fit()
+    assert latest_checkpoint(tmp_path).name == "step_00000006"
+    assert not any(p.name.startswith(".tmp") for p in (tmp_path / "checkpoints").iterdir())
+
+
+def test_resume_from_a_checkpoint_of_another_model_is_refused(compose_cfg, tmp_path):
+    Trainer(compose_cfg([*FAST_CLIP, "trainer.max_steps=2"]), tmp_path / "a").fit()
+    wider = [
+        *FAST_CLIP,
+        "stage.model.arch.vision_cfg.width=64",
+        "trainer.max_steps=2",
+        f"resume={tmp_path / 'a'}",
+    ]
+    from unclip.errors import CheckpointError
+
+    with pytest.raises(CheckpointError, match="model.safetensors"):
+        Trainer(compose_cfg(wider), tmp_path / "b").fit()
+
+
+def test_ema_follows_its_recurrence():
+    module = torch.nn.Linear(3, 2)
+    ema = EMA(module, decay=0.9, warmup=False)
+    start = module.weight.detach().clone()
+    with torch.no_grad():
+        module.weight.add_(1.0)
+    ema.update(module)
+    expected = 0.9 * start + 0.1 * module.weight
+    assert torch.allclose(ema.shadow["weight"], expected)
+    target = torch.nn.Linear(3, 2)
+    ema.copy_to(target)
+    assert torch.allclose(target.weight, expected)
+    warm = EMA(module, decay=0.999, warmup=True)
+    assert warm.current_decay() == pytest.approx(0.1)
+    for _ in range(10_000):
+        warm.num_updates += 1
+    assert warm.current_decay() == 0.999
+
+
+def test_learning_rate_warms_up_then_decays(compose_cfg):
+    cfg = compose_cfg(
+        ["trainer.max_steps=100", "optim.warmup_steps=10", "optim.lr=1.0", "optim.min_lr_ratio=0.1"]
+    )
+    assert learning_rate(cfg, 0) == pytest.approx(0.1)
+    assert learning_rate(cfg, 9) == pytest.approx(1.0)
+    assert learning_rate(cfg, 100) == pytest.approx(0.1)
+    assert learning_rate(cfg, 50) < learning_rate(cfg, 20)
+
+
+@pytest.mark.slow
+def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
+    if shutil.which("torchrun", path=os.path.dirname(sys.executable)) is None:
+        pytest.skip("torchrun is not installed beside this python")
+    args = [*FAST_CLIP, "trainer.max_steps=4", "trainer.cpu=true", "trainer.checkpoint_every=4"]
+    env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
+    one = subprocess.run(
+        [sys.executable, "-m", "unclip.cli.train", *args, f"hydra.run.dir={tmp_path / 'one'}"],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert one.returncode == 0, one.stderr[-3000:]
+    torchrun = os.path.join(os.path.dirname(sys.executable), "torchrun")
+    two = subprocess.run(
+        [
+            torchrun,
+            "--nproc_per_node",
+            "2",
+            "--master_port",
+            "29517",
+            "-m",
+            "unclip.cli.train",
+            *args,
+            f"hydra.run.dir={tmp_path / 'two'}",
+        ],
+        cwd=tmp_path,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=600,
+    )
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = load_tensors(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
+    b = load_tensors(tmp_path / "two" / "checkpoints" / "step_00000004" / "model.safetensors")
+    start = load_tensors(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")
+    assert a.keys() == b.keys() == start.keys()
+    worst = max((a[k] - b[k]).abs().max().item() for k in a)
+    assert worst < 1e-5, worst

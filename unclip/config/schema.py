@@ -1,0 +1,188 @@
+"""Typed configuration: the dataclass schemas every Hydra YAML is validated against.
+
+Each YAML file starts its defaults list with one of the schema names registered in :func:`register_configs`,
+so a misspelt key or a value of the wrong type fails while Hydra composes the config — before any work —
+with a message that names the key. Cross-field rules that a type cannot express live in :func:`validate`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from unclip.data import shapes
+from unclip.errors import ConfigError
+
+# --------------------------------------------------------------------------------------------------- data
+
+
+@dataclass
+class DataConfig:
+    """Where captioned images come from. ``source`` picks the reader in :mod:`unclip.data.sources`."""
+
+    source: str = MISSING
+    cache_dir: str | None = None  # null: $UNCLIP_CACHE, else ~/.cache/unclip
+
+
+@dataclass
+class ShapesDataConfig(DataConfig):
+    """The embedded procedural dataset (DESIGN §4): no download, the truth behind every image known."""
+
+    source: str = "shapes"
+    seed: int = 0
+    train_size: int = 20000
+    eval_size: int = 500
+    # (colour, shape) pairs never drawn in train; eval_holdout measures compositional generalisation
+    holdout: list[list[str]] = field(default_factory=lambda: [list(pair) for pair in shapes.DEFAULT_HOLDOUT])
+
+
+# --------------------------------------------------------------------------------------------------- models
+
+
+@dataclass
+class ClipModelConfig:
+    """An open_clip model: a built-in architecture by ``name`` or an explicit ``arch`` (open_clip model cfg).
+
+    ``pretrained`` is an open_clip pretrained tag (``openai``, ``laion2b_s34b_b79k``, ...), a local checkpoint
+    file, or null for random initialisation.
+    """
+
+    name: str = MISSING
+    pretrained: str | None = None
+    arch: dict[str, Any] | None = None
+
+
+# --------------------------------------------------------------------------------------------------- stages
+
+
+@dataclass
+class StageConfig:
+    """What every stage shares; each stage extends it with its own fields."""
+
+    name: str = MISSING
+
+
+@dataclass
+class ClipStageConfig(StageConfig):
+    """Contrastive CLIP training (Radford et al. 2021) with open_clip's loss."""
+
+    name: str = "clip"
+    model: ClipModelConfig = field(default_factory=ClipModelConfig)
+    # held-out images per eval split for the zero-shot evaluation
+    eval_images: int = 500
+
+
+# --------------------------------------------------------------------------------------------------- training
+
+
+@dataclass
+class OptimConfig:
+    """AdamW with linear warmup then a cosine (or constant) schedule."""
+
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.98])
+    eps: float = 1e-6
+    warmup_steps: int = 100
+    schedule: str = "cosine"
+    min_lr_ratio: float = 0.1
+
+
+@dataclass
+class TrainerConfig:
+    """The one training loop's knobs (see :mod:`unclip.train.trainer`)."""
+
+    max_steps: int = 1000
+    batch_size: int = 64  # global batch per optimizer step, across processes and accumulation
+    grad_accum: int = 1
+    precision: str = "no"  # no | fp16 | bf16
+    grad_clip: float = 1.0
+    ema_decay: float = 0.999
+    ema_warmup: bool = True
+    checkpoint_every: int = 500
+    keep_checkpoints: int = 2
+    eval_every: int = 0  # 0: evaluate only when training ends
+    log_every: int = 10
+    num_workers: int = 0
+    cpu: bool = False  # force the CPU even where a GPU is present
+    progress: bool = True
+
+
+@dataclass
+class LoggerConfig:
+    """Experiment tracking through Accelerate's trackers: ``wandb`` (offline by default) or ``none``."""
+
+    kind: str = "wandb"
+    project: str = "unclip"
+    mode: str = "offline"
+
+
+@dataclass
+class TrainConfig:
+    """Root of ``unclip-train``."""
+
+    stage: Any = MISSING
+    data: Any = MISSING
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    seed: int = 0
+    # a run directory or checkpoint directory to continue from; "latest" = this run's newest checkpoint
+    resume: str | None = None
+    debug: bool = False
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"clip": ClipStageConfig}
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
+
+
+def register_configs() -> None:
+    """Register the schemas under the names the YAML defaults lists refer to (``schema_<name>``)."""
+    cs = ConfigStore.instance()
+    cs.store(name="schema_train", node=TrainConfig)
+    for name, node in STAGE_SCHEMAS.items():
+        cs.store(group="stage", name=f"schema_{name}", node=node)
+    for name, node in DATA_SCHEMAS.items():
+        cs.store(group="data", name=f"schema_{name}", node=node)
+    cs.store(group="clip_model", name="schema_clip_model", node=ClipModelConfig)
+
+
+_PRECISIONS = ("no", "fp16", "bf16")
+_SCHEDULES = ("cosine", "constant")
+_LOGGERS = ("wandb", "none")
+
+
+def validate(cfg: DictConfig) -> None:
+    """Check the rules a type cannot express; raise :class:`ConfigError` naming the key."""
+    if OmegaConf.is_missing(cfg, "stage") or OmegaConf.is_missing(cfg.stage, "name"):
+        raise ConfigError(f"no stage chosen: add stage=<{'|'.join(STAGE_SCHEMAS)}>")
+    if cfg.stage.name not in STAGE_SCHEMAS:
+        raise ConfigError(f"stage.name={cfg.stage.name!r} is not one of {sorted(STAGE_SCHEMAS)}")
+    if OmegaConf.is_missing(cfg, "data"):
+        raise ConfigError(f"no data source chosen: add data=<{'|'.join(DATA_SCHEMAS)}>")
+    t = cfg.trainer
+    checks = [
+        (t.precision in _PRECISIONS, f"trainer.precision={t.precision!r} must be one of {_PRECISIONS}"),
+        (
+            cfg.optim.schedule in _SCHEDULES,
+            f"optim.schedule={cfg.optim.schedule!r} must be one of {_SCHEDULES}",
+        ),
+        (cfg.logger.kind in _LOGGERS, f"logger.kind={cfg.logger.kind!r} must be one of {_LOGGERS}"),
+        (t.max_steps > 0, f"trainer.max_steps={t.max_steps} must be positive"),
+        (t.grad_accum > 0, f"trainer.grad_accum={t.grad_accum} must be positive"),
+        (
+            t.batch_size % t.grad_accum == 0,
+            f"trainer.batch_size={t.batch_size} must be divisible by trainer.grad_accum={t.grad_accum}",
+        ),
+        (0.0 <= t.ema_decay < 1.0, f"trainer.ema_decay={t.ema_decay} must be in [0, 1)"),
+        (t.checkpoint_every > 0, f"trainer.checkpoint_every={t.checkpoint_every} must be positive"),
+        (t.keep_checkpoints > 0, f"trainer.keep_checkpoints={t.keep_checkpoints} must be positive"),
+        (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive"),
+        (len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must have two entries"),
+    ]
+    for ok, message in checks:
+        if not ok:
+            raise ConfigError(message)

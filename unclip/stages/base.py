@@ -1,0 +1,62 @@
+"""The contract between the one trainer and each stage (DESIGN §1).
+
+A stage says how to build its model, turn a batch into a loss, evaluate and export; it never runs a loop.
+The trainer (:mod:`unclip.train.trainer`) calls, in order: ``prepare_data`` (main process first, so caches are
+built once), ``build_model``, ``train_dataset``, ``setup`` (after Accelerate has wrapped the model), then
+``loss`` every micro-batch, ``after_optimizer_step`` after every optimizer step, and ``evaluate`` / ``export``
+on an EMA copy of the model.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import Dataset, default_collate
+
+
+class Stage(ABC):
+    """Base class of the stage plug-ins; subclasses override what they need."""
+
+    name: str = ""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        self.cfg = cfg
+        self.accelerator: Any = None
+
+    def prepare_data(self) -> None:
+        """Build or load on-disk caches (renders, embeddings). Runs on the main process before the others."""
+
+    @abstractmethod
+    def build_model(self) -> torch.nn.Module:
+        """A freshly initialised trainable model (built under the run's seed on every process)."""
+
+    @abstractmethod
+    def train_dataset(self) -> Dataset:
+        """Map-style dataset of training examples, indexed deterministically."""
+
+    def collate(self, items: list[Any]) -> Any:
+        """Batch a list of examples; torch's default stacking unless overridden."""
+        return default_collate(items)
+
+    def setup(self, accelerator: Any) -> None:
+        """Receive the Accelerator once the model is wrapped (process count, device, ...)."""
+        self.accelerator = accelerator
+
+    @abstractmethod
+    def loss(self, model: torch.nn.Module, batch: Any) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """Scalar loss of one micro-batch, and detached extra values to log."""
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        """Called with the unwrapped model after each optimizer step (e.g. clamping a parameter)."""
+
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        """The stage's own evaluation on held-out data, on the main process; returns named metrics."""
+        return {}
+
+    @abstractmethod
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        """Write the component folder (``config.yaml`` + ``model.safetensors``) that a pipeline loads."""

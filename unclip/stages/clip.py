@@ -1,0 +1,120 @@
+"""The CLIP stage: contrastive image-text training (Radford et al. 2021 §2.3) with open_clip's loss.
+
+Across processes the loss gathers every process's features with gradients (open_clip's
+``gather_with_grad``), so the similarity matrix — and so the gradient — is that of the global batch: N
+processes train exactly like one process with the same batch. Evaluation is zero-shot colour and shape
+classification of held-out images (:mod:`unclip.eval.zero_shot`), on seen and on held-out (colour, shape)
+pairs.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from open_clip.loss import ClipLoss
+from torch.utils.data import Dataset
+
+from unclip.clip.model import ClipEncoder
+from unclip.data.sources import load_split, split_names
+from unclip.eval.zero_shot import zero_shot_accuracy
+from unclip.stages.base import Stage
+
+MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clips its learned temperature at 100
+
+
+def image_to_tensor(image: Any) -> torch.Tensor:
+    """A PIL RGB image to a uint8 tensor (3, H, W)."""
+    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+
+
+class CaptionedImages(Dataset):
+    """Rows of a captioned-image split as (uint8 image, caption token ids)."""
+
+    def __init__(self, split: Any, encoder: ClipEncoder) -> None:
+        self.split = split
+        self.encoder = encoder
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        row = self.split[index]
+        return {"image": image_to_tensor(row["image"]), "tokens": self.encoder.tokenize([row["caption"]])[0]}
+
+
+class ClipModule(torch.nn.Module):
+    """The trainable wrapper: one forward returning normalised features and the logit scale, for DDP."""
+
+    def __init__(self, encoder: ClipEncoder) -> None:
+        super().__init__()
+        self.encoder = encoder
+
+    def forward(
+        self, images: torch.Tensor, tokens: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        image_features = F.normalize(self.encoder.encode_image(images), dim=-1)
+        text_features = F.normalize(self.encoder.model.encode_text(tokens), dim=-1)
+        return image_features, text_features, self.encoder.model.logit_scale.exp()
+
+
+class ClipStage(Stage):
+    """Train (or fine-tune) an open_clip model on captioned images."""
+
+    name = "clip"
+
+    def _encoder(self) -> ClipEncoder:
+        return ClipEncoder.from_config(self.cfg.stage.model)
+
+    def prepare_data(self) -> None:
+        self.image_size = self._encoder().image_size
+        self.splits = {s: load_split(self.cfg.data, s, self.image_size) for s in split_names(self.cfg.data)}
+
+    def build_model(self) -> torch.nn.Module:
+        return ClipModule(self._encoder())
+
+    def train_dataset(self) -> Dataset:
+        return CaptionedImages(self.splits["train"], self._encoder())
+
+    def setup(self, accelerator: Any) -> None:
+        super().setup(accelerator)
+        self.criterion = ClipLoss(
+            local_loss=False,
+            gather_with_grad=True,
+            rank=accelerator.process_index,
+            world_size=accelerator.num_processes,
+        )
+
+    def loss(
+        self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
+    ) -> tuple[torch.Tensor, dict[str, Any]]:
+        images = batch["image"].float().div_(255.0)
+        image_features, text_features, scale = model(images, batch["tokens"])
+        return self.criterion(image_features, text_features, scale), {"logit_scale": scale.detach()}
+
+    def after_optimizer_step(self, model: torch.nn.Module) -> None:
+        with torch.no_grad():
+            model.encoder.model.logit_scale.clamp_(0, MAX_LOGIT_SCALE)
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        encoder: ClipEncoder = model.encoder
+        device = next(encoder.parameters()).device
+        metrics: dict[str, float] = {}
+        for split in split_names(self.cfg.data)[1:]:
+            rows = self.splits[split].select(range(min(self.cfg.stage.eval_images, len(self.splits[split]))))
+            embeddings = []
+            for start in range(0, len(rows), 256):
+                chunk = rows[start : start + 256]
+                images = torch.stack([image_to_tensor(im) for im in chunk["image"]]).to(device).float() / 255
+                embeddings.append(encoder.encode_image(images))
+            labels = {"colour": rows["colour"], "shape": rows["shape"]}
+            for key, value in zero_shot_accuracy(encoder, torch.cat(embeddings), labels).items():
+                metrics[f"{split}/{key}"] = value
+        return metrics
+
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        model.encoder.save(folder)
