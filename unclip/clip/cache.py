@@ -24,11 +24,10 @@ EMBEDDING_COLUMNS = ("image_embedding", "text_embedding", "token_ids", "text_tok
 
 
 def _token_length(encoder: ClipEncoder, captions: list[str]) -> int:
-    lengths = [
-        int((encoder.tokenize(captions[i : i + 4096]) != 0).sum(dim=1).max())
-        for i in range(0, len(captions), 4096)
-    ]
-    return max(lengths)
+    # <end> has the largest id, so argmax finds each caption's last real token
+    chunks = (captions[i : i + 4096] for i in range(0, len(captions), 4096))
+    ends = [int(encoder.tokenize(chunk).argmax(dim=-1).max()) for chunk in chunks]
+    return max(ends) + 1
 
 
 def embed_split(

@@ -139,8 +139,9 @@ class ClipEncoder(torch.nn.Module):
             pooled = self.model.encode_text(token_ids)
         finally:
             handle.remove()
-        mask = token_ids != 0
-        mask[:, 0] = True
+        # real tokens run from <start> to <end>, and <end> has the largest id (pad and "!" are both id 0)
+        positions = torch.arange(token_ids.shape[1], device=token_ids.device)
+        mask = positions[None, :] <= token_ids.argmax(dim=-1, keepdim=True)
         return TextEncoding(tokens=captured[-1], mask=mask, pooled=pooled)
 
     def preprocess(self, images: torch.Tensor) -> torch.Tensor:

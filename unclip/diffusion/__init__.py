@@ -1,0 +1,31 @@
+"""Diffusion maths shared by every stage: schedules, Gaussian diffusion and its losses, samplers, guidance."""
+
+from unclip.diffusion.gaussian import GaussianDiffusion
+from unclip.diffusion.guidance import classifier_free_guidance
+from unclip.diffusion.samplers import (
+    SAMPLERS,
+    ddim_invert,
+    dynamic_threshold,
+    sample,
+    sample_ddim,
+    sample_ddpm,
+    sample_dpmpp_2m,
+    static_clip,
+)
+from unclip.diffusion.schedule import NoiseSchedule, make_schedule, space_timesteps
+
+__all__ = [
+    "SAMPLERS",
+    "GaussianDiffusion",
+    "NoiseSchedule",
+    "classifier_free_guidance",
+    "ddim_invert",
+    "dynamic_threshold",
+    "make_schedule",
+    "sample",
+    "sample_ddim",
+    "sample_ddpm",
+    "sample_dpmpp_2m",
+    "space_timesteps",
+    "static_clip",
+]
