@@ -9,7 +9,7 @@ from omegaconf import DictConfig
 from unclip.errors import ConfigError
 from unclip.stages.base import Stage
 
-_STAGES = {"clip": "unclip.stages.clip:ClipStage"}
+_STAGES = {"clip": "unclip.stages.clip:ClipStage", "prior": "unclip.stages.prior:PriorStage"}
 
 
 def build_stage(cfg: DictConfig) -> Stage:
