@@ -39,7 +39,7 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("unclip-cache")
     os.environ["UNCLIP_CACHE"] = str(folder)
     os.environ.setdefault("WANDB_MODE", "offline")
-    torch.set_num_threads(min(2, torch.get_num_threads()))
+    torch.set_num_threads(min(2, torch.get_num_threads()))  # CI machines have 2 cores
     return folder
 
 

@@ -67,12 +67,16 @@ def test_pretrained_builtin_from_local_file(tmp_path):
     assert torch.equal(loaded.model.visual.conv1.weight, source.visual.conv1.weight)
 
 
-@pytest.mark.parametrize("name, pretrained, arch, match", [
-    ("ViT-Nope-99", None, None, "not an open_clip architecture"),
-    ("ViT-B-32", "not-a-tag", None, "neither a file nor a pretrained tag"),
-    ("tiny-test", "laion2b", TINY_ARCH, "must be a local file"),
-    ("tiny-test", None, {"embed_dim": 8, "bogus": 1}, "not a valid open_clip config"),
-])
+@pytest.mark.parametrize(
+    "name, pretrained, arch, match",
+    [
+        ("ViT-Nope-99", None, None, "not an open_clip architecture"),
+        ("ViT-B-32", "not-a-tag", None, "neither a file nor a pretrained tag"),
+        ("tiny-test", "laion2b", TINY_ARCH, "must be a local file"),
+        ("tiny-test", None, {"embed_dim": 8, "bogus": 1}, "not a valid open_clip config"),
+        ("tiny-test", None, {**TINY_ARCH, "conv_stem": [8, 16]}, "conv_stem"),  # stride 4 vs 8x8 patches
+    ],
+)
 def test_bad_model_choices_are_config_errors(name, pretrained, arch, match):
     with pytest.raises(ConfigError, match=match):
         ClipEncoder(name, pretrained, arch)
@@ -87,7 +91,8 @@ def test_save_load_round_trip_and_refusals(tiny, tmp_path):
 
     other = dict(TINY_ARCH, embed_dim=16)
     (tmp_path / "clip" / "config.yaml").write_text(
-        (tmp_path / "clip" / "config.yaml").read_text().replace("embed_dim: 32", "embed_dim: 16"))
+        (tmp_path / "clip" / "config.yaml").read_text().replace("embed_dim: 32", "embed_dim: 16")
+    )
     with pytest.raises(CheckpointError, match="model.safetensors"):
         ClipEncoder.load(tmp_path / "clip")
     assert other["embed_dim"] == 16
@@ -98,10 +103,12 @@ def test_save_load_round_trip_and_refusals(tiny, tmp_path):
 def test_embedding_cache_computes_once_per_clip(tiny, tmp_path, monkeypatch):
     from PIL import Image
 
-    split = datasets.Dataset.from_dict({
-        "image": [Image.new("RGB", (32, 32), (i * 20, 0, 0)) for i in range(6)],
-        "caption": [f"a red circle number {i}" for i in range(6)],
-    }).cast_column("image", datasets.Image())
+    split = datasets.Dataset.from_dict(
+        {
+            "image": [Image.new("RGB", (32, 32), (i * 20, 0, 0)) for i in range(6)],
+            "caption": [f"a red circle number {i}" for i in range(6)],
+        }
+    ).cast_column("image", datasets.Image())
     first = embed_split(tiny, split, tmp_path, batch_size=4)
     assert first.num_rows == 6
     row = first.with_format("torch")[0]
@@ -121,3 +128,12 @@ def test_embedding_cache_computes_once_per_clip(tiny, tmp_path, monkeypatch):
     other = ClipEncoder("tiny-test", None, TINY_ARCH)
     embed_split(other, split, tmp_path, batch_size=4)
     assert len(list((tmp_path / "embeddings").iterdir())) == 2  # one folder per CLIP fingerprint
+
+
+def test_convolutional_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+    torch.manual_seed(0)
+    encoder = ClipEncoder("tiny-stem", None, {**TINY_ARCH, "conv_stem": [8, 16, 32]})
+    assert isinstance(encoder.model.visual.conv1, torch.nn.Sequential)
+    assert encoder.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    encoder.save(tmp_path / "clip")
+    assert ClipEncoder.load(tmp_path / "clip").fingerprint() == encoder.fingerprint()

@@ -95,7 +95,7 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
 
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
-    result = _run([*TRAIN, "-m", "hydra/launcher=slurm", "--cfg", "hydra"], tmp_path)
+    result = _run([*TRAIN, "hydra/launcher=slurm", "--cfg", "hydra"], tmp_path)
     assert result.returncode == 0, result.stderr
     assert "submitit" in result.stdout and "timeout_min: 1440" in result.stdout
 

@@ -56,8 +56,10 @@ def test_corrupt_cache_is_rebuilt(compose_cfg):
     assert load_split(data, "eval_seen", 16).num_rows == 12
 
 
-@pytest.mark.parametrize("override, match", [("data.holdout=[[red,hexagon]]", "data.holdout"),
-                                             ("data.train_size=0", "data.train_size")])
+@pytest.mark.parametrize(
+    "override, match",
+    [("data.holdout=[[red,hexagon]]", "data.holdout"), ("data.train_size=0", "data.train_size")],
+)
 def test_bad_data_settings_are_named(compose_cfg, override, match):
     with pytest.raises(ConfigError, match=match):
         load_split(_cfg(compose_cfg, override), "train", 16)

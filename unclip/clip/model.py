@@ -39,15 +39,43 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
+class ConvStem(torch.nn.Sequential):
+    """3x3 stride-2 convolutions replacing a ViT's patchify layer (Xiao et al. 2021, "Early Convolutions Help
+    Transformers See Better"): the same token grid, but edges and corners are seen before attention mixes
+    patches, which a tiny ViT trained for minutes needs to tell shapes apart."""
+
+    def __init__(self, channels: list[int], width: int) -> None:
+        layers: list[torch.nn.Module] = []
+        previous = 3
+        for c in channels:
+            layers += [torch.nn.Conv2d(previous, c, 3, stride=2, padding=1), torch.nn.GELU()]
+            previous = c
+        super().__init__(*layers, torch.nn.Conv2d(previous, width, 1))
+
+
+def _add_conv_stem(model: torch.nn.Module, name: str, channels: list[int]) -> None:
+    visual = model.visual
+    patch = visual.conv1.kernel_size[0] if hasattr(visual, "conv1") else None
+    if not isinstance(visual, open_clip.transformer.VisionTransformer) or patch != 2 ** len(channels):
+        raise ConfigError(
+            f"clip model arch for {name!r}: conv_stem {channels} needs a ViT whose patch_size is "
+            f"2**{len(channels)}, got patch_size={patch}"
+        )
+    visual.conv1 = ConvStem(list(channels), visual.conv1.out_channels)
+
+
 def _build(name: str, pretrained: str | None, arch: dict[str, Any] | None) -> torch.nn.Module:
     if arch is not None:
         arch = dict(arch)
         custom_text = bool(arch.pop("custom_text", False))
+        conv_stem = arch.pop("conv_stem", None)
         model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
         try:
             model = model_cls(**arch)
         except TypeError as err:
             raise ConfigError(f"clip model arch for {name!r} is not a valid open_clip config: {err}") from err
+        if conv_stem:
+            _add_conv_stem(model, name, conv_stem)
         if pretrained is not None:
             if not Path(pretrained).is_file():
                 raise ConfigError(
@@ -130,6 +158,18 @@ class ClipEncoder(torch.nn.Module):
     def tokenize(self, captions: list[str]) -> torch.Tensor:
         """Captions to token ids (B, context_length); longer captions are truncated as open_clip does."""
         return self.tokenizer(list(captions)).to(self.mean.device)
+
+    def check_prompt(self, prompt: str) -> None:
+        """Refuse an empty prompt or one longer than the text context (instead of silently truncating it)."""
+        if not prompt.strip():
+            raise ConfigError("the prompt is empty")
+        encode = getattr(self.tokenizer, "encode", None)
+        length = len(encode(prompt)) + 2 if encode else int(self.tokenize([prompt]).argmax()) + 1
+        if length > self.context_length:
+            raise ConfigError(
+                f"prompt {prompt[:40]!r}... has {length} tokens, longer than the CLIP context of "
+                f"{self.context_length}"
+            )
 
     def encode_text(self, token_ids: torch.Tensor) -> TextEncoding:
         """Per-token encodings, padding mask and pooled embedding z_t of tokenised captions."""

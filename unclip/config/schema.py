@@ -75,6 +75,47 @@ class ClipStageConfig(StageConfig):
     eval_images: int = 500
 
 
+@dataclass
+class PriorModelConfig:
+    """The prior transformer: a ``PriorConfig.preset`` (``tiny`` | ``paper``), each field null = the preset's.
+
+    D, the text-token width and the caption length come from the CLIP the prior is trained against.
+    """
+
+    preset: str = "tiny"
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+    dropout: float | None = None
+
+
+@dataclass
+class PriorSamplingConfig:
+    """How the prior samples (unCLIP §2.2): sampler, steps (``space_timesteps`` spec), guidance, best-of-n."""
+
+    sampler: str = "ddim"
+    steps: str = "64"
+    eta: float = 0.0
+    guidance_scale: float = 2.0
+    candidates: int = 2
+
+
+@dataclass
+class PriorStageConfig(StageConfig):
+    """The diffusion prior (unCLIP §2.2): text -> CLIP image embedding, trained on cached CLIP embeddings."""
+
+    name: str = "prior"
+    clip: str = MISSING  # a CLIP component folder (a CLIP run's export/)
+    model: PriorModelConfig = field(default_factory=PriorModelConfig)
+    normalize: str = "zscore"  # zscore | unit_scale
+    schedule: str = "cosine"
+    num_timesteps: int = 1000
+    caption_drop: float = 0.1
+    sampling: PriorSamplingConfig = field(default_factory=PriorSamplingConfig)
+    # eval captions per eval split
+    eval_captions: int = 500
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
@@ -135,7 +176,33 @@ class TrainConfig:
     debug: bool = False
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"clip": ClipStageConfig}
+@dataclass
+class PriorOverrides:
+    """Overrides of the prior's exported sampling settings; null keeps the exported value."""
+
+    sampler: str | None = None
+    steps: int | None = None
+    guidance_scale: float | None = None
+    candidates: int | None = None
+
+
+@dataclass
+class SampleConfig:
+    """Root of ``unclip-sample``."""
+
+    pipeline: str = MISSING
+    prompt: str | None = None
+    prompts_file: str | None = None
+    out: str = "samples"
+    num_images: int = 1
+    seed: int = 0
+    device: str = "cpu"
+    prior: PriorOverrides = field(default_factory=PriorOverrides)
+    progress: bool = True
+    debug: bool = False
+
+
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"clip": ClipStageConfig, "prior": PriorStageConfig}
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
 
 
@@ -143,6 +210,7 @@ def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists refer to (``schema_<name>``)."""
     cs = ConfigStore.instance()
     cs.store(name="schema_train", node=TrainConfig)
+    cs.store(name="schema_sample", node=SampleConfig)
     for name, node in STAGE_SCHEMAS.items():
         cs.store(group="stage", name=f"schema_{name}", node=node)
     for name, node in DATA_SCHEMAS.items():

@@ -32,18 +32,28 @@ def image_to_tensor(image: Any) -> torch.Tensor:
 
 
 class CaptionedImages(Dataset):
-    """Rows of a captioned-image split as (uint8 image, caption token ids)."""
+    """Rows of a captioned-image split as (uint8 image, caption token ids).
+
+    Captions are tokenised once up front, and a batch is read with one columnar ``datasets`` lookup
+    (``__getitems__``), so data loading stays a small fraction of a CPU training step.
+    """
 
     def __init__(self, split: Any, encoder: ClipEncoder) -> None:
-        self.split = split
-        self.encoder = encoder
+        self.images = split.select_columns(["image"])
+        captions = split["caption"]
+        self.tokens = torch.cat(
+            [encoder.tokenize(captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
+        )
 
     def __len__(self) -> int:
-        return len(self.split)
+        return len(self.tokens)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        row = self.split[index]
-        return {"image": image_to_tensor(row["image"]), "tokens": self.encoder.tokenize([row["caption"]])[0]}
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
+        images = self.images[list(indices)]["image"]
+        return [{"image": image_to_tensor(im), "tokens": self.tokens[i]} for im, i in zip(images, indices)]
 
 
 class ClipModule(torch.nn.Module):

@@ -1,0 +1,44 @@
+# The README's two commands are `make demo` and `make test`; both set up the environment first.
+#
+# The virtual environment lives outside the checkout, keyed by a hash of pyproject.toml, so a fresh clone
+# with unchanged dependencies reuses it (the ~5.5 GB torch install happens once per dependency set).
+PYTHON ?= python3
+DEPS_HASH := $(shell $(PYTHON) -c "import hashlib;print(hashlib.sha256(open('pyproject.toml','rb').read()).hexdigest()[:12])")
+VENV ?= $(HOME)/.cache/unclip/venv-$(DEPS_HASH)
+BIN := $(VENV)/bin
+export PATH := $(BIN):$(PATH)
+
+.PHONY: setup demo test test-fast lint format clean-runs
+
+$(VENV)/.deps-installed: pyproject.toml
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BIN)/python -m pip install --quiet -e ".[test,slurm]"
+	$(BIN)/python -c "import torch, torchvision, open_clip; print('torch', torch.__version__, '| torchvision', torchvision.__version__, '| open_clip', open_clip.__version__)"
+	touch $@
+
+# Point the (possibly cached) environment at this checkout; cheap, so it runs every time.
+setup: $(VENV)/.deps-installed
+	@$(BIN)/python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null
+	@echo "environment: $(VENV)"
+
+# The main job: train on the embedded shapes data and print the evaluation.
+demo: setup
+	bash recipes/shapes/run.sh
+
+test: setup
+	$(BIN)/python -m pytest -q
+
+test-fast: setup
+	$(BIN)/python -m pytest -q -m "not slow"
+
+lint: setup
+	$(BIN)/ruff check unclip tests
+	$(BIN)/ruff format --check unclip tests
+
+format: setup
+	$(BIN)/ruff format unclip tests
+	$(BIN)/ruff check --fix unclip tests
+
+clean-runs:
+	rm -rf runs outputs multirun
