@@ -24,6 +24,9 @@ FAST_CLIP = [
     "stage.model.arch.text_cfg.layers=1",
     "stage.model.arch.text_cfg.context_length=24",
     "stage.eval_images=32",
+]
+# Small data and a quiet, short run: shared by every stage's trainer tests.
+FAST_RUN = [
     "data.train_size=128",
     "data.eval_size=32",
     "logger.kind=none",
@@ -31,6 +34,7 @@ FAST_CLIP = [
     "trainer.batch_size=16",
     "optim.warmup_steps=2",
 ]
+FAST_CLIP = [*FAST_CLIP, *FAST_RUN]
 
 
 @pytest.fixture(scope="session", autouse=True)

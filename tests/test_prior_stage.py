@@ -7,6 +7,7 @@ import json
 import pytest
 import torch
 
+from tests.conftest import FAST_RUN
 from unclip.clip.model import ClipEncoder, TextEncoding
 from unclip.config.schema import validate
 from unclip.errors import CheckpointError, ConfigError
@@ -28,12 +29,7 @@ FAST_PRIOR = [
     "stage.model.layers=2",
     "stage.sampling.steps=8",
     "stage.eval_captions=32",
-    "data.train_size=128",
-    "data.eval_size=32",
-    "logger.kind=none",
-    "trainer.progress=false",
-    "trainer.batch_size=16",
-    "optim.warmup_steps=2",
+    *FAST_RUN,
 ]
 
 
