@@ -178,3 +178,10 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path):
     assert a.keys() == b.keys() == start.keys()
     worst = max((a[k] - b[k]).abs().max().item() for k in a)
     assert worst < 1e-5, worst
+
+
+def test_wandb_tracker_runs_offline_without_an_account(compose_cfg, tmp_path):
+    overrides = [o for o in FAST_CLIP if not o.startswith("logger.")]
+    Trainer(compose_cfg([*overrides, "trainer.max_steps=2", "logger.kind=wandb"]), tmp_path).fit()
+    runs = list((tmp_path / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and list(runs[0].glob("run-*.wandb"))
