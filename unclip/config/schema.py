@@ -181,7 +181,7 @@ class PriorOverrides:
     """Overrides of the prior's exported sampling settings; null keeps the exported value."""
 
     sampler: str | None = None
-    steps: int | None = None
+    steps: str | None = None  # a space_timesteps spec: "32", "ddim50", "10,10,3"
     guidance_scale: float | None = None
     candidates: int | None = None
 

@@ -25,13 +25,13 @@ from unclip.errors import ConfigError
 from unclip.models.unet import UNet, UNetConfig, timestep_embedding
 
 
-def _tiny_unet() -> UNetConfig:
+def _tiny_unet(stem_factor: int = 2) -> UNetConfig:
     return UNetConfig(
         in_channels=6,
         model_channels=16,
         channel_mult=(1, 2, 2),
         num_res_blocks=1,
-        stem_factor=2,
+        stem_factor=stem_factor,
         num_groups=8,
     )
 
@@ -68,16 +68,7 @@ def sr256_tiny() -> UpsamplerConfig:
 def sr1024_tiny() -> UpsamplerConfig:
     """CPU preset for 256 -> 1024 (0.35M parameters): stem 4, levels of 16/32/32 channels at 1/4, 1/8,
     1/16 of the image side."""
-    return UpsamplerConfig(
-        unet=UNetConfig(
-            in_channels=6,
-            model_channels=16,
-            channel_mult=(1, 2, 2),
-            num_res_blocks=1,
-            stem_factor=4,
-            num_groups=8,
-        )
-    )
+    return UpsamplerConfig(unet=_tiny_unet(stem_factor=4))
 
 
 def sr256_paper() -> UpsamplerConfig:
