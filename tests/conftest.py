@@ -16,10 +16,9 @@ REPO = Path(__file__).resolve().parents[1]
 # A very small CLIP and dataset so trainer tests run in seconds on 2 cores.
 FAST_CLIP = [
     "stage.model.arch.embed_dim=32",
-    "stage.model.arch.vision_cfg.image_size=32",
-    "stage.model.arch.vision_cfg.patch_size=8",
-    "stage.model.arch.vision_cfg.width=32",
-    "stage.model.arch.vision_cfg.layers=1",
+    "stage.model.arch.conv_tower.image_size=32",
+    "stage.model.arch.conv_tower.channels=[8,16,16]",
+    "stage.model.arch.conv_tower.strides=[2,2,1]",
     "stage.model.arch.text_cfg.width=32",
     "stage.model.arch.text_cfg.layers=1",
     "stage.model.arch.text_cfg.context_length=24",

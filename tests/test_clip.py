@@ -9,6 +9,7 @@ import torch
 from safetensors.torch import save_file
 
 from unclip.clip.cache import embed_split
+from unclip.clip.conv_tower import ConvTower, MedianCentredInput
 from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError, ConfigError
 
@@ -16,6 +17,11 @@ TINY_ARCH = {
     "embed_dim": 32,
     "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
     "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+CONV_ARCH = {
+    "embed_dim": 32,
+    "conv_tower": {"image_size": 32, "channels": [8, 16, 16], "strides": [2, 2, 1]},
+    "text_cfg": TINY_ARCH["text_cfg"],
 }
 
 
@@ -74,7 +80,14 @@ def test_pretrained_builtin_from_local_file(tmp_path):
         ("ViT-B-32", "not-a-tag", None, "neither a file nor a pretrained tag"),
         ("tiny-test", "laion2b", TINY_ARCH, "must be a local file"),
         ("tiny-test", None, {"embed_dim": 8, "bogus": 1}, "not a valid open_clip config"),
-        ("tiny-test", None, {**TINY_ARCH, "conv_stem": [8, 16]}, "conv_stem"),  # stride 4 vs 8x8 patches
+        ("tiny-conv", None, {**CONV_ARCH, "vision_cfg": TINY_ARCH["vision_cfg"]}, "not both"),
+        ("tiny-conv", None, {**CONV_ARCH, "conv_tower": {"channels": [8], "strides": [2]}}, "image_size"),
+        (
+            "tiny-conv",
+            None,
+            {**CONV_ARCH, "conv_tower": {"image_size": 32, "channels": [8], "strides": [3]}},
+            "stride",
+        ),
     ],
 )
 def test_bad_model_choices_are_config_errors(name, pretrained, arch, match):
@@ -130,10 +143,24 @@ def test_embedding_cache_computes_once_per_clip(tiny, tmp_path, monkeypatch):
     assert len(list((tmp_path / "embeddings").iterdir())) == 2  # one folder per CLIP fingerprint
 
 
-def test_convolutional_stem_keeps_the_token_grid_and_round_trips(tmp_path):
+def test_conv_tower_is_the_image_encoder_and_round_trips(tmp_path):
     torch.manual_seed(0)
-    encoder = ClipEncoder("tiny-stem", None, {**TINY_ARCH, "conv_stem": [8, 16, 32]})
-    assert isinstance(encoder.model.visual.conv1, torch.nn.Sequential)
-    assert encoder.encode_image(torch.rand(2, 3, 32, 32)).shape == (2, 32)
+    encoder = ClipEncoder("tiny-conv", None, CONV_ARCH)
+    assert isinstance(encoder.model.visual, ConvTower) and encoder.image_size == 32
+    assert encoder.encode_image(torch.rand(2, 3, 64, 64)).shape == (2, 32)
     encoder.save(tmp_path / "clip")
     assert ClipEncoder.load(tmp_path / "clip").fingerprint() == encoder.fingerprint()
+
+
+def test_median_centred_input_sees_the_object_whatever_its_colours():
+    """The silhouette channel depends on the object, not on which colours draw it (conv_tower's premise)."""
+    red_on_blue = torch.zeros(1, 3, 8, 8)
+    red_on_blue[:, 2] = 1.0
+    red_on_blue[:, :, 2:4, 2:4] = torch.tensor([1.0, 0.0, 0.0])[:, None, None]
+    white_on_black = torch.zeros(1, 3, 8, 8)
+    white_on_black[:, :, 2:4, 2:4] = 1.0
+    features = [MedianCentredInput()(x) for x in (red_on_blue, white_on_black)]
+    assert features[0].shape == (1, MedianCentredInput.out_channels, 8, 8)
+    silhouettes = [f[0, 6] > 0 for f in features]
+    assert torch.equal(silhouettes[0], silhouettes[1]) and int(silhouettes[0].sum()) == 4
+    assert torch.equal(features[0][:, 7:], features[1][:, 7:])  # the coordinate channels

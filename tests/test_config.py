@@ -33,7 +33,7 @@ def test_default_config_composes_and_validates(compose_cfg):
     cfg = compose_cfg([])
     validate(cfg)
     assert cfg.stage.name == "clip"
-    assert cfg.stage.model.arch.vision_cfg.image_size == 64
+    assert cfg.stage.model.arch.conv_tower.image_size == 64
     assert cfg.data.source == "shapes"
 
 

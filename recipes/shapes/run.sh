@@ -4,7 +4,7 @@
 set -euo pipefail
 OUT="${OUT:-runs/shapes}"
 
-echo "== 1/3 CLIP (contrastive, tiny ViT, 64 px) -> $OUT/clip"
+echo "== 1/3 CLIP (contrastive, tiny conv net, 64 px) -> $OUT/clip"
 unclip-train experiment=shapes_clip hydra.run.dir="$OUT/clip" "$@"
 
 echo "== 2/3 diffusion prior (caption -> CLIP image embedding) -> $OUT/prior"

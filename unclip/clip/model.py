@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from omegaconf import DictConfig, OmegaConf
 
+from unclip.clip.conv_tower import ConvTower
 from unclip.errors import CheckpointError, ConfigError
 from unclip.io import load_state_strict, read_yaml, save_tensors, write_yaml
 
@@ -39,43 +40,38 @@ def _plain(cfg: Any) -> Any:
     return OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
 
 
-class ConvStem(torch.nn.Sequential):
-    """3x3 stride-2 convolutions replacing a ViT's patchify layer (Xiao et al. 2021, "Early Convolutions Help
-    Transformers See Better"): the same token grid, but edges and corners are seen before attention mixes
-    patches, which a tiny ViT trained for minutes needs to tell shapes apart."""
-
-    def __init__(self, channels: list[int], width: int) -> None:
-        layers: list[torch.nn.Module] = []
-        previous = 3
-        for c in channels:
-            layers += [torch.nn.Conv2d(previous, c, 3, stride=2, padding=1), torch.nn.GELU()]
-            previous = c
-        super().__init__(*layers, torch.nn.Conv2d(previous, width, 1))
-
-
-def _add_conv_stem(model: torch.nn.Module, name: str, channels: list[int]) -> None:
-    visual = model.visual
-    patch = visual.conv1.kernel_size[0] if hasattr(visual, "conv1") else None
-    if not isinstance(visual, open_clip.transformer.VisionTransformer) or patch != 2 ** len(channels):
-        raise ConfigError(
-            f"clip model arch for {name!r}: conv_stem {channels} needs a ViT whose patch_size is "
-            f"2**{len(channels)}, got patch_size={patch}"
+def _add_conv_tower(model: torch.nn.Module, name: str, tower: dict[str, Any], embed_dim: int) -> None:
+    try:
+        model.visual = ConvTower(
+            image_size=int(tower["image_size"]),
+            channels=[int(c) for c in tower["channels"]],
+            strides=[int(s) for s in tower["strides"]],
+            output_dim=embed_dim,
         )
-    visual.conv1 = ConvStem(list(channels), visual.conv1.out_channels)
+    except KeyError as err:
+        raise ConfigError(f"clip model arch for {name!r}: conv_tower needs the key {err}") from err
 
 
 def _build(name: str, pretrained: str | None, arch: dict[str, Any] | None) -> torch.nn.Module:
     if arch is not None:
         arch = dict(arch)
         custom_text = bool(arch.pop("custom_text", False))
-        conv_stem = arch.pop("conv_stem", None)
+        conv_tower = arch.pop("conv_tower", None)
+        if conv_tower is not None:
+            if "vision_cfg" in arch:
+                raise ConfigError(
+                    f"clip model arch for {name!r}: give a vision_cfg or a conv_tower, not both"
+                )
+            # open_clip builds its own image tower first: a one-token ViT, replaced below
+            size = int(conv_tower.get("image_size", 64))
+            arch["vision_cfg"] = dict(image_size=size, patch_size=size, width=32, head_width=32, layers=1)
         model_cls = open_clip.CustomTextCLIP if custom_text else open_clip.CLIP
         try:
             model = model_cls(**arch)
         except TypeError as err:
             raise ConfigError(f"clip model arch for {name!r} is not a valid open_clip config: {err}") from err
-        if conv_stem:
-            _add_conv_stem(model, name, conv_stem)
+        if conv_tower is not None:
+            _add_conv_tower(model, name, conv_tower, int(arch["embed_dim"]))
         if pretrained is not None:
             if not Path(pretrained).is_file():
                 raise ConfigError(

@@ -146,6 +146,9 @@ class Trainer:
         with acc.main_process_first():
             self.stage.prepare_data()
         model = self.stage.build_model()
+        if acc.num_processes > 1 and acc.device.type == "cuda":
+            # one set of BatchNorm statistics over the global batch (PyTorch runs SyncBatchNorm on GPUs only)
+            model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
         ema = EMA(model, t.ema_decay, t.ema_warmup)
         optimizer = torch.optim.AdamW(
             _param_groups(model, cfg.optim.weight_decay),

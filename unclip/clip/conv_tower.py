@@ -1,0 +1,75 @@
+"""A small convolutional image tower for CLIPs trained in minutes on a CPU.
+
+A tiny ViT trained contrastively on ``shapes`` learns colour at once and shape not at all within a CPU budget
+(measured: zero-shot shape stays near chance after 1,000 steps). Shape has to be read from edges whatever the
+object's and the background's colours are. Three choices make a convnet learn it within minutes. Each one was
+measured on a supervised shape probe, with the same conv net and budget, and without the first it stays at
+chance:
+
+- **Median-centred input.** Besides the image, the net sees the image minus its per-channel median colour and
+  that difference's magnitude. It is a per-image normalisation in the spirit of instance normalisation
+  (Ulyanov et al. 2016). In a photograph the median is the dominant colour. In ``shapes`` it is the
+  background, so the magnitude channel is a colour-blind silhouette.
+- **Coordinate channels** (Liu et al. 2018, "CoordConv"). After global pooling, features can still say where
+  the object is, and captions name its position.
+- **BatchNorm** after every convolution, as in CLIP's ResNets (Radford et al. 2021 §2.4). GroupNorm learned
+  shape several times slower in the same probe. Batch statistics are per process. On GPUs the trainer syncs
+  them across processes; on CPU (gloo) PyTorch's SyncBatchNorm does not run.
+
+The features are global max-pooled and projected to the embedding dimension, as a ViT's pooled token is.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from unclip.errors import ConfigError
+
+
+class MedianCentredInput(nn.Module):
+    """(B, 3, H, W) -> (B, 9, H, W): the image, the image minus its per-channel median, that difference's L1
+    magnitude, and x/y coordinates in [-1, 1]."""
+
+    out_channels = 9
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        b, _, h, w = images.shape
+        median = images.flatten(2).median(dim=-1).values[..., None, None]
+        centred = images - median
+        magnitude = centred.abs().sum(dim=1, keepdim=True)
+        ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
+        xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
+        grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, h, w)
+        return torch.cat([images, centred, magnitude, grid], dim=1)
+
+
+class ConvTower(nn.Module):
+    """Median-centred input, 3x3 conv + BatchNorm + ReLU blocks, global max pool, linear projection.
+
+    Exposes what open_clip's image towers expose to the rest of the code: ``image_size`` and ``output_dim``.
+    """
+
+    def __init__(self, image_size: int, channels: list[int], strides: list[int], output_dim: int) -> None:
+        super().__init__()
+        if not channels or len(channels) != len(strides) or any(s not in (1, 2) for s in strides):
+            raise ConfigError(
+                f"conv_tower needs one stride (1 or 2) per channel count, got channels={channels}, "
+                f"strides={strides}"
+            )
+        self.image_size = image_size
+        self.output_dim = output_dim
+        layers: list[nn.Module] = [MedianCentredInput()]
+        previous = MedianCentredInput.out_channels
+        for width, stride in zip(channels, strides):
+            layers += [
+                nn.Conv2d(previous, width, 3, stride=stride, padding=1, bias=False),
+                nn.BatchNorm2d(width),
+                nn.ReLU(inplace=True),
+            ]
+            previous = width
+        self.features = nn.Sequential(*layers)
+        self.proj = nn.Linear(previous, output_dim)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        return self.proj(self.features(images).amax(dim=(2, 3)))
