@@ -7,7 +7,7 @@ refused when it is assembled and again when it is loaded.
 
 Assemble one from training runs with::
 
-    python -m unclip.pipeline OUT clip=runs/clip/export prior=runs/prior/export
+    python -m unclip.pipeline OUT clip=runs/clip/export prior=runs/prior/export decoder=runs/decoder/export
 """
 
 from __future__ import annotations
@@ -19,12 +19,14 @@ from pathlib import Path
 import torch
 
 from unclip.clip.model import ClipEncoder
+from unclip.decoder_sampling import DiffusionDecoder, sample_decoder
 from unclip.errors import CheckpointError, UnclipError
 from unclip.io import read_yaml, replace_dir, write_yaml
 from unclip.prior_sampling import DiffusionPrior, sample_prior
+from unclip.variation import image_variations
 
 FORMAT_VERSION = 1
-STAGE_ORDER = ("clip", "prior")
+STAGE_ORDER = ("clip", "prior", "decoder")
 
 
 def _check_components(components: dict[str, Path]) -> str:
@@ -70,12 +72,20 @@ def assemble(out: str | Path, components: dict[str, str | Path]) -> Path:
 
 
 class UnCLIPPipeline:
-    """The loaded cascade: CLIP, and the prior when present (text -> CLIP image embedding)."""
+    """The loaded cascade: CLIP, the prior (text -> CLIP image embedding) and the decoder (CLIP image
+    embedding [+ caption] -> 64 px image), each when present."""
 
-    def __init__(self, folder: Path, clip: ClipEncoder, prior: DiffusionPrior | None) -> None:
+    def __init__(
+        self,
+        folder: Path,
+        clip: ClipEncoder,
+        prior: DiffusionPrior | None,
+        decoder: DiffusionDecoder | None = None,
+    ) -> None:
         self.folder = folder
         self.clip = clip
         self.prior = prior
+        self.decoder = decoder
 
     @classmethod
     def load(cls, folder: str | Path, device: str | torch.device = "cpu") -> UnCLIPPipeline:
@@ -100,7 +110,18 @@ class UnCLIPPipeline:
         if clip.fingerprint() != fingerprint:
             raise CheckpointError(f"{folder / 'clip'} does not match the CLIP fingerprint in pipeline.yaml")
         prior = DiffusionPrior.load(folder / "prior", fingerprint).to(device) if "prior" in stages else None
-        return cls(folder, clip, prior)
+        decoder = None
+        if "decoder" in stages:
+            decoder = DiffusionDecoder.load(folder / "decoder", fingerprint).to(device)
+        return cls(folder, clip, prior, decoder)
+
+    def _generator(self, seed: int) -> torch.Generator:
+        return torch.Generator(device=self.clip.mean.device).manual_seed(seed)
+
+    def _need_decoder(self) -> DiffusionDecoder:
+        if self.decoder is None:
+            raise CheckpointError(f"{self.folder} has no decoder stage: it cannot make images")
+        return self.decoder
 
     @torch.no_grad()
     def text_to_image_embedding(
@@ -116,8 +137,61 @@ class UnCLIPPipeline:
             raise CheckpointError(f"{self.folder} has no prior stage: it cannot turn text into embeddings")
         prompts = [p for p in prompts for _ in range(num_images)]
         text = self.clip.encode_text(self.clip.tokenize(prompts))
-        generator = torch.Generator(device=self.clip.mean.device).manual_seed(seed)
+        generator = self._generator(seed)
         return sample_prior(self.prior, text, generator=generator, progress=progress, **prior_options)
+
+    @torch.no_grad()
+    def text_to_image(
+        self,
+        prompts: list[str],
+        num_images: int = 1,
+        seed: int = 0,
+        progress: bool = False,
+        prior_options: dict[str, object] | None = None,
+        decoder_options: dict[str, object] | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """unCLIP's text -> image (§2): the prior samples z_i, the decoder decodes it with the caption.
+        Returns (embeddings (N, D), images (N, 3, S, S) in [0, 1]), N = len(prompts) * num_images,
+        prompt-major."""
+        decoder = self._need_decoder()
+        embeddings = self.text_to_image_embedding(
+            prompts, num_images, seed, progress, **(prior_options or {})
+        )
+        tokens = self.clip.tokenize([p for p in prompts for _ in range(num_images)])
+        images = sample_decoder(
+            decoder,
+            embeddings,
+            tokens,
+            generator=self._generator(seed),
+            progress=progress,
+            **(decoder_options or {}),
+        )
+        return embeddings, images
+
+    @torch.no_grad()
+    def image_variations(
+        self,
+        image: torch.Tensor,
+        num_images: int = 1,
+        caption: str | None = None,
+        invert: bool = False,
+        seed: int = 0,
+        progress: bool = False,
+        **decoder_options: object,
+    ) -> torch.Tensor:
+        """Variations (N, 3, S, S) in [0, 1] of a (3, H, W) image in [0, 1] (§3.1; see
+        :func:`unclip.variation.image_variations`)."""
+        return image_variations(
+            self.clip,
+            self._need_decoder(),
+            image,
+            num_images,
+            caption=caption,
+            invert=invert,
+            generator=self._generator(seed),
+            progress=progress,
+            **decoder_options,
+        )
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -116,6 +116,73 @@ class PriorStageConfig(StageConfig):
     eval_captions: int = 500
 
 
+@dataclass
+class DecoderUNetOverrides:
+    """Fields of the decoder's U-Net (:class:`unclip.models.unet.UNetConfig`); null keeps the preset's.
+    ``context_dim`` follows the caption transformer's width and ``learn_sigma`` the diffusion's variance."""
+
+    model_channels: int | None = None
+    channel_mult: list[int] | None = None
+    num_res_blocks: int | None = None
+    attention_downsample: list[int] | None = None
+    num_head_channels: int | None = None
+    dropout: float | None = None
+    stem_factor: int | None = None
+    num_groups: int | None = None
+    use_checkpoint: bool | None = None
+
+
+@dataclass
+class DecoderTextOverrides:
+    """Fields of GLIDE's caption transformer; null keeps the preset's (the caption length is CLIP's)."""
+
+    width: int | None = None
+    layers: int | None = None
+    heads: int | None = None
+
+
+@dataclass
+class DecoderModelConfig:
+    """The decoder: a preset of :mod:`unclip.models.decoder` (``tiny`` | ``paper``) and field overrides."""
+
+    preset: str = "tiny"
+    unet: DecoderUNetOverrides = field(default_factory=DecoderUNetOverrides)
+    text: DecoderTextOverrides = field(default_factory=DecoderTextOverrides)
+    num_clip_tokens: int | None = None  # extra context tokens made from the CLIP embedding (4 in §2.1)
+
+
+@dataclass
+class DecoderSamplingConfig:
+    """How the decoder samples: sampler, steps (``space_timesteps`` spec), DDIM eta, guidance scale."""
+
+    sampler: str = "ddim"
+    steps: str = "25"
+    eta: float = 0.0
+    guidance_scale: float = 3.0
+
+
+@dataclass
+class DecoderStageConfig(StageConfig):
+    """The decoder (unCLIP §2.1): CLIP image embedding + caption -> 64 px image, on cached embeddings."""
+
+    name: str = "decoder"
+    clip: str = MISSING  # a CLIP component folder (a CLIP run's export/)
+    image_size: int = 64
+    model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
+    schedule: str = "cosine"
+    schedule_shift: float = 1.0
+    num_timesteps: int = 1000
+    prediction: str = "v"  # eps | x0 | v
+    variance: str = "learned"  # learned | fixed_small | fixed_large
+    loss_weighting: str = "min_snr"  # none | min_snr
+    image_embedding_drop: float = 0.1
+    caption_drop: float = 0.5
+    sampling: DecoderSamplingConfig = field(default_factory=DecoderSamplingConfig)
+    # held-out images decoded per eval split, with their captions and (if set) without
+    eval_images: int = 100
+    eval_without_caption: bool = True
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
@@ -187,6 +254,16 @@ class PriorOverrides:
 
 
 @dataclass
+class DecoderOverrides:
+    """Overrides of the decoder's exported sampling settings; null keeps the exported value."""
+
+    sampler: str | None = None
+    steps: str | None = None
+    eta: float | None = None
+    guidance_scale: float | None = None
+
+
+@dataclass
 class SampleConfig:
     """Root of ``unclip-sample``."""
 
@@ -198,11 +275,19 @@ class SampleConfig:
     seed: int = 0
     device: str = "cpu"
     prior: PriorOverrides = field(default_factory=PriorOverrides)
+    decoder: DecoderOverrides = field(default_factory=DecoderOverrides)
+    # image variation: decode num_images variations of this file (prompt= optionally captions them)
+    image: str | None = None
+    invert: bool = False  # start from the image's DDIM-inverted noise; decoder.eta sets how far they stray
     progress: bool = True
     debug: bool = False
 
 
-STAGE_SCHEMAS: dict[str, type[StageConfig]] = {"clip": ClipStageConfig, "prior": PriorStageConfig}
+STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
+    "clip": ClipStageConfig,
+    "prior": PriorStageConfig,
+    "decoder": DecoderStageConfig,
+}
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
 
 

@@ -9,7 +9,11 @@ from omegaconf import DictConfig
 from unclip.errors import ConfigError
 from unclip.stages.base import Stage
 
-_STAGES = {"clip": "unclip.stages.clip:ClipStage", "prior": "unclip.stages.prior:PriorStage"}
+_STAGES = {
+    "clip": "unclip.stages.clip:ClipStage",
+    "prior": "unclip.stages.prior:PriorStage",
+    "decoder": "unclip.stages.decoder:DecoderStage",
+}
 
 
 def build_stage(cfg: DictConfig) -> Stage:

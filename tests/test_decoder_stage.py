@@ -1,0 +1,280 @@
+"""The decoder stage: config, guidance dropout, one-forward guidance, train/export/load, text -> image."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from hydra.errors import ConfigCompositionException
+
+from tests.conftest import FAST_RUN, REPO
+from unclip.clip.model import ClipEncoder
+from unclip.config.schema import validate
+from unclip.decoder_sampling import DiffusionDecoder, decoder_config, sample_decoder
+from unclip.errors import CheckpointError, ConfigError, DataError
+from unclip.images import load_image
+from unclip.io import read_yaml
+from unclip.models.prior import PriorConfig
+from unclip.pipeline import UnCLIPPipeline, assemble
+from unclip.prior_sampling import DiffusionPrior, EmbeddingNormalizer
+from unclip.train.trainer import Trainer
+
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+SMALL_UNET = {"model_channels": 16, "num_head_channels": 16}
+SMALL_TEXT = {"width": 16, "layers": 1}
+FAST_DECODER = [
+    "stage=decoder",
+    "stage.image_size=32",
+    "stage.model.unet.model_channels=16",
+    "stage.model.unet.num_head_channels=16",
+    "stage.model.text.width=16",
+    "stage.model.text.layers=1",
+    "stage.sampling.steps=4",
+    "stage.eval_images=8",
+    *FAST_RUN,
+]
+DIFFUSION = {
+    "schedule": "cosine",
+    "schedule_shift": 1.0,
+    "num_timesteps": 100,
+    "prediction": "eps",
+    "variance": "learned",
+    "loss_weighting": "none",
+}
+SAMPLING = {"sampler": "ddim", "steps": "6", "eta": 0.0, "guidance_scale": 3.0}
+
+
+def small_decoder(size: int = 16, seed: int = 0, **diffusion) -> DiffusionDecoder:
+    torch.manual_seed(seed)
+    options = {**DIFFUSION, **diffusion}
+    config = decoder_config(
+        "tiny",
+        clip_embed_dim=32,
+        context_length=24,
+        learn_sigma=options["variance"] == "learned",
+        unet=SMALL_UNET,
+        text=SMALL_TEXT,
+    )
+    return DiffusionDecoder(config, size, options, SAMPLING)
+
+
+def _clip_folder(folder, seed: int) -> str:
+    torch.manual_seed(seed)
+    ClipEncoder("tiny-test", None, TINY_ARCH).save(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def clip_dirs(tmp_path_factory) -> tuple[str, str]:
+    """Two tiny random CLIPs with different weights (so different fingerprints)."""
+    root = tmp_path_factory.mktemp("clips")
+    return _clip_folder(root / "a", 0), _clip_folder(root / "b", 1)
+
+
+@pytest.fixture(scope="module")
+def trained_run(clip_dirs, tmp_path_factory):
+    """A decoder trained a few steps through the one trainer; (run folder, final metrics)."""
+    from hydra import compose, initialize_config_module
+    from hydra.core.global_hydra import GlobalHydra
+
+    from unclip.config.schema import register_configs
+
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="unclip.conf", version_base="1.3"):
+        cfg = compose("train", overrides=[*FAST_DECODER, f"stage.clip={clip_dirs[0]}", "trainer.max_steps=3"])
+    GlobalHydra.instance().clear()
+    run = tmp_path_factory.mktemp("decoder_run")
+    return run, Trainer(cfg, run).fit()
+
+
+def test_decoder_config_composes_and_bad_values_are_named(compose_cfg, clip_dirs):
+    cfg = compose_cfg(["stage=decoder", f"stage.clip={clip_dirs[0]}"])
+    validate(cfg)
+    stage = cfg.stage
+    assert stage.image_size == 64 and stage.model.preset == "tiny" and stage.variance == "learned"
+    assert stage.image_embedding_drop == pytest.approx(0.1) and stage.caption_drop == pytest.approx(0.5)
+    assert set(stage.sampling) == {"sampler", "steps", "eta", "guidance_scale"}
+    with pytest.raises(ConfigError, match="stage.clip"):
+        Trainer(compose_cfg(["stage=decoder"]), "unused")
+    for override, key in [
+        ("stage.caption_drop=1.5", "stage.caption_drop"),
+        ("stage.image_embedding_drop=-0.1", "stage.image_embedding_drop"),
+        ("stage.prediction=score", "stage.prediction"),
+        ("stage.variance=huge", "stage.variance"),
+        ("stage.image_size=60", "stage.image_size"),
+        ("stage.sampling.sampler=euler", "sampling.sampler"),
+        ("stage.sampling.eta=0.5", "sampling.eta"),  # the default sampler is ddim, so this one is fine ...
+        ("stage.model.preset=huge", "huge"),
+        ("stage.model.unet.model_channels=15", "model_channels"),
+        ("stage.model.text.heads=5", "heads=5"),
+    ]:
+        overrides = ["stage=decoder", f"stage.clip={clip_dirs[0]}", override]
+        if key == "sampling.eta":  # ... but not with dpmpp_2m
+            overrides.append("stage.sampling.sampler=dpmpp_2m")
+        with pytest.raises(ConfigError, match=key):
+            Trainer(compose_cfg(overrides), "unused")
+    with pytest.raises(ConfigCompositionException) as err:
+        compose_cfg(["stage=decoder", "stage.model.unet.channels=3"])
+    assert "channels" in str(err.value) + str(err.value.__cause__)
+
+
+def test_loss_shapes_and_dropout_of_each_condition():
+    decoder = small_decoder()
+    g = torch.Generator().manual_seed(0)
+    images = torch.rand(6, 3, 16, 16, generator=g) * 2 - 1
+    z, other_z = torch.randn(6, 32, generator=g), torch.randn(6, 32, generator=g)
+    tokens = torch.tensor([[49406, 320, 1615, 49407, 0]] * 6)
+    other_tokens = torch.tensor([[49406, 1746, 3240, 530, 49407]] * 6)
+    terms = decoder(images, z, tokens, 0.1, 0.5)
+    assert set(terms) == {"loss", "mse", "vb"} and terms["loss"].shape == (6,)
+    terms["loss"].mean().backward()
+    assert decoder.net.image_to_tokens.weight.grad is not None
+
+    def loss(z_, tokens_, image_drop, caption_drop):
+        torch.manual_seed(3)  # same timesteps, noise and drop decisions
+        return decoder(images, z_, tokens_, image_drop, caption_drop)["loss"]
+
+    # zero-initialised output layers make every input look alike: give them weights first
+    with torch.no_grad():
+        for p in decoder.parameters():
+            if not p.any():
+                p.normal_(0, 0.05, generator=g)
+    assert torch.allclose(loss(z, tokens, 0.999999, 0.0), loss(other_z, tokens, 0.999999, 0.0))
+    assert not torch.allclose(loss(z, tokens, 0.0, 0.0), loss(other_z, tokens, 0.0, 0.0))
+    assert torch.allclose(loss(z, tokens, 0.0, 0.999999), loss(z, other_tokens, 0.0, 0.999999))
+    assert not torch.allclose(loss(z, tokens, 0.0, 0.0), loss(z, other_tokens, 0.0, 0.0))
+
+
+def test_drop_rates_are_those_configured(monkeypatch):
+    decoder, seen = small_decoder(), {}
+
+    class Seen(Exception):
+        pass
+
+    def spy(image_embedding, caption_tokens, drop_image_embedding, drop_caption):
+        seen.update(image=drop_image_embedding.float().mean(), caption=drop_caption.float().mean())
+        raise Seen
+
+    monkeypatch.setattr(decoder.net, "encode_condition", spy)
+    with pytest.raises(Seen):
+        decoder(torch.zeros(20000, 3, 16, 16), torch.zeros(20000, 32), None, 0.1, 0.5)
+    assert 0.09 < seen["image"] < 0.11 and 0.48 < seen["caption"] < 0.52
+
+
+def test_guidance_encodes_the_condition_once_and_runs_one_batched_forward_per_step(monkeypatch):
+    decoder = small_decoder().eval()
+    encodes, forwards = [], []
+    encode, forward = decoder.net.encode_condition, decoder.net.forward
+    monkeypatch.setattr(decoder.net, "encode_condition", lambda *a, **k: encodes.append(1) or encode(*a, **k))
+    monkeypatch.setattr(decoder.net, "forward", lambda x, t, c: forwards.append(len(x)) or forward(x, t, c))
+    z, tokens = torch.randn(3, 32), torch.tensor([[49406, 320, 49407]] * 3)
+    images = sample_decoder(decoder, z, tokens, generator=torch.Generator().manual_seed(0), steps="5")
+    assert images.shape == (3, 3, 16, 16) and images.min() >= 0 and images.max() <= 1
+    assert len(encodes) == 2 and forwards == [6] * 5  # cond + null once; [cond; null] every step
+    encodes.clear(), forwards.clear()
+    sample_decoder(decoder, z, None, guidance_scale=1.0, steps="5")
+    assert len(encodes) == 1 and forwards == [3] * 5  # scale 1: no unconditional half
+
+
+def test_stage_trains_through_the_trainer_and_exports(trained_run, clip_dirs, data_cache):
+    run, metrics = trained_run
+    for split in ("eval_seen", "eval_holdout"):
+        for mode in ("", "no_caption/"):
+            for key in ("colour_acc", "shape_acc", "position_acc", "clip_cosine", "clip_cosine_shuffled"):
+                assert f"{split}/{mode}{key}" in metrics
+    assert -1 <= metrics["eval_seen/clip_cosine"] <= 1
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert any("loss" in r and "vb" in r for r in rows)
+    config = read_yaml(run / "export" / "config.yaml")
+    fingerprint = ClipEncoder.load(clip_dirs[0]).fingerprint()
+    assert config["kind"] == "decoder" and config["clip_fingerprint"] == fingerprint
+    assert config["model"]["clip_embed_dim"] == 32 and config["model"]["text"]["context_length"] == 24
+    assert config["image_size"] == 32 and config["sampling"]["steps"] == "4"
+    assert (data_cache / "embeddings" / fingerprint).is_dir()  # the splits were embedded once, cached
+
+
+def test_export_load_round_trip_and_refusals(trained_run, clip_dirs, tmp_path):
+    run, _ = trained_run
+    fingerprint = ClipEncoder.load(clip_dirs[0]).fingerprint()
+    a, b = (
+        DiffusionDecoder.load(run / "export", fingerprint),
+        DiffusionDecoder.load(run / "export", fingerprint),
+    )
+    z, tokens = torch.randn(2, 32), ClipEncoder.load(clip_dirs[0]).tokenize(["a red star", "a blue circle"])
+    first = sample_decoder(a, z, tokens, generator=torch.Generator().manual_seed(0))
+    assert first.shape == (2, 3, 32, 32)
+    assert torch.equal(first, sample_decoder(b, z, tokens, generator=torch.Generator().manual_seed(0)))
+    with pytest.raises(CheckpointError, match="trained against CLIP"):
+        DiffusionDecoder.load(run / "export", ClipEncoder.load(clip_dirs[1]).fingerprint())
+    with pytest.raises(CheckpointError, match="not a decoder"):
+        DiffusionDecoder.load(clip_dirs[0], fingerprint)
+    # the run's config with the weights of another architecture (no learned variance: 3 output channels)
+    small_decoder(size=32, variance="fixed_small").save(tmp_path / "broken", fingerprint)
+    (tmp_path / "broken" / "config.yaml").write_text((run / "export" / "config.yaml").read_text())
+    with pytest.raises(CheckpointError, match="does not fit this model"):
+        DiffusionDecoder.load(tmp_path / "broken", fingerprint)
+
+
+def _sample(args, cwd):
+    return subprocess.run(
+        [sys.executable, "-m", "unclip.cli.sample", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def test_pipeline_and_cli_turn_text_into_pngs(trained_run, clip_dirs, tmp_path):
+    run, _ = trained_run
+    clip = ClipEncoder.load(clip_dirs[0])
+    config = PriorConfig.preset(
+        "tiny", clip_embed_dim=32, text_token_dim=32, max_text_tokens=24, num_timesteps=100
+    )
+    prior_sampling = {"sampler": "ddim", "steps": "4", "eta": 0.0, "guidance_scale": 2.0, "candidates": 1}
+    DiffusionPrior(config, EmbeddingNormalizer("unit_scale", 32), "cosine", prior_sampling).save(
+        tmp_path / "prior", clip.fingerprint()
+    )
+    folder = assemble(
+        tmp_path / "pipe", {"clip": clip_dirs[0], "prior": tmp_path / "prior", "decoder": run / "export"}
+    )
+    assert read_yaml(folder / "pipeline.yaml")["stages"] == ["clip", "prior", "decoder"]
+    pipe = UnCLIPPipeline.load(folder)
+    embeddings, images = pipe.text_to_image(["a red star", "a blue circle"], num_images=2, seed=1)
+    assert embeddings.shape == (4, 32) and images.shape == (4, 3, 32, 32)
+    again = pipe.text_to_image(["a red star", "a blue circle"], num_images=2, seed=1)[1]
+    assert torch.equal(images, again)
+
+    args = [f"pipeline={folder}", "prompt=a small red star", "num_images=2", "seed=3", "progress=false"]
+    result = _sample([*args, "decoder.steps=3", f"out={tmp_path / 'out'}"], tmp_path)
+    assert result.returncode == 0, result.stderr
+    sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
+    assert sidecar["decoder"]["steps"] == "3" and [r["file"] for r in sidecar["rows"]] == [
+        "0000.png",
+        "0001.png",
+    ]
+    assert load_image(tmp_path / "out" / "0001.png").shape == (3, 32, 32)
+
+
+def test_sample_cli_refuses_settings_that_do_not_apply(compose_cfg, tmp_path):
+    from unclip.cli.sample import _text_to_image, _variations
+
+    cfg = compose_cfg(["pipeline=unused", "prompt=a red star", "invert=true"], config_name="sample")
+    with pytest.raises(ConfigError, match="give image="):
+        _text_to_image(cfg, tmp_path)
+    cfg = compose_cfg(["pipeline=unused", "image=photo.png", "prompts_file=p.txt"], config_name="sample")
+    with pytest.raises(ConfigError, match="at most one caption"):
+        _variations(cfg, tmp_path)
+    cfg = compose_cfg(["pipeline=unused", f"image={tmp_path / 'none.png'}"], config_name="sample")
+    with pytest.raises(DataError, match="none.png"):
+        _variations(cfg, tmp_path)

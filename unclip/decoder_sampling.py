@@ -1,0 +1,351 @@
+"""The trained decoder as a component: CLIP image embedding (+ caption) in, 64 px image out (unCLIP §2.1).
+
+:class:`DiffusionDecoder` wraps the network of :mod:`unclip.models.decoder` with what it needs around it:
+
+- the Gaussian diffusion over images in [-1, 1] and its training loss (eps / x0 / v, fixed or learned
+  variance with the hybrid loss: unCLIP Table 3 trains the decoder with learned variance), with the CLIP
+  embedding dropped ``image_embedding_drop`` and the caption ``caption_drop`` of the time (§2.1: 10 % and
+  50 %) for classifier-free guidance;
+- the sampler settings it was exported with, and :func:`sample_decoder`: the conditioning computed once, the
+  conditional and unconditional halves run as one batch per step (Ho & Salimans 2022), x_0 clipped to
+  [-1, 1] (Ho et al. 2020 §3.3); and :func:`invert_decoder`, the DDIM inversion of §3.1's bipartite
+  latent (z_i, x_T);
+- its component folder (``config.yaml`` + ``model.safetensors``), loaded strictly and only against the CLIP
+  it was trained with.
+
+The unconditional half of guidance drops both the CLIP embedding and the caption, the pair of inputs the
+decoder was trained to do without.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from unclip.diffusion import (
+    SAMPLERS,
+    GaussianDiffusion,
+    classifier_free_guidance,
+    ddim_invert,
+    make_schedule,
+    sample,
+    sample_ddim,
+    space_timesteps,
+    static_clip,
+)
+from unclip.diffusion.gaussian import ModelFn
+from unclip.errors import CheckpointError, ConfigError
+from unclip.io import load_state_strict, read_yaml, save_tensors, write_yaml
+from unclip.models.decoder import Decoder, DecoderConfig, cat_conditions, decoder_paper, decoder_tiny
+from unclip.models.text_encoder import TextEncoderConfig
+from unclip.models.unet import UNetConfig
+
+COMPONENT_KIND = "decoder"
+PRESETS = {"tiny": decoder_tiny, "paper": decoder_paper}
+SAMPLING_KEYS = ("sampler", "steps", "eta", "guidance_scale")
+DIFFUSION_KEYS = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
+
+
+def decoder_config(
+    preset: str,
+    *,
+    clip_embed_dim: int,
+    context_length: int,
+    learn_sigma: bool,
+    unet: Mapping[str, Any] | None = None,
+    text: Mapping[str, Any] | None = None,
+    num_clip_tokens: int | None = None,
+) -> DecoderConfig:
+    """A :class:`DecoderConfig` from a preset (``tiny`` | ``paper``) with field overrides.
+
+    The CLIP sets the embedding width and the caption length (captions are CLIP token ids); the diffusion's
+    variance sets ``learn_sigma``; the U-Net's ``context_dim`` follows the caption transformer's width.
+    """
+    if preset not in PRESETS:
+        raise ConfigError(f"decoder model preset={preset!r} is not one of {sorted(PRESETS)}")
+    base = PRESETS[preset]()
+    try:
+        text_config = TextEncoderConfig(
+            **{**dataclasses.asdict(base.text), **dict(text or {}), "context_length": context_length}
+        )
+        unet_config = UNetConfig(
+            **{
+                **dataclasses.asdict(base.unet),
+                **dict(unet or {}),
+                "context_dim": text_config.width,
+                "learn_sigma": learn_sigma,
+            }
+        )
+    except TypeError as err:
+        raise ConfigError(f"decoder model override: {err}") from err
+    tokens = base.num_clip_tokens if num_clip_tokens is None else num_clip_tokens
+    return DecoderConfig(unet_config, text_config, clip_embed_dim, tokens)
+
+
+def check_sampling(options: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
+    """Validate decoder sampler settings; return them as a plain dict. Errors name the key."""
+    options = dict(options)
+    unknown = sorted(set(options) ^ set(SAMPLING_KEYS))
+    if unknown:
+        raise ConfigError(f"decoder sampling keys {unknown} are missing or unknown; expected {SAMPLING_KEYS}")
+    if options["sampler"] not in SAMPLERS:
+        raise ConfigError(f"sampling.sampler={options['sampler']!r} must be one of {SAMPLERS}")
+    if options["eta"] < 0 or (options["eta"] != 0.0 and options["sampler"] != "ddim"):
+        raise ConfigError(f"sampling.eta={options['eta']} must be >= 0 and only applies to the ddim sampler")
+    if options["guidance_scale"] < 0:
+        raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
+    options["steps"] = str(options["steps"])
+    space_timesteps(num_timesteps, options["steps"])  # raises ConfigError naming a bad spec
+    options["eta"], options["guidance_scale"] = float(options["eta"]), float(options["guidance_scale"])
+    return options
+
+
+def _check_diffusion(options: Mapping[str, Any]) -> dict[str, Any]:
+    options = dict(options)
+    unknown = sorted(set(options) ^ set(DIFFUSION_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"decoder diffusion keys {unknown} are missing or unknown; expected {DIFFUSION_KEYS}"
+        )
+    options["schedule_shift"] = float(options["schedule_shift"])
+    return options
+
+
+class DiffusionDecoder(nn.Module):
+    """unCLIP's decoder (§2.1) with its diffusion, image size and default sampling settings.
+
+    ``diffusion`` holds ``schedule``, ``schedule_shift``, ``num_timesteps``, ``prediction``, ``variance``
+    and ``loss_weighting`` (see :class:`GaussianDiffusion`); ``sampling`` the defaults of
+    :func:`sample_decoder`. All three are exported with the weights.
+    """
+
+    def __init__(
+        self,
+        config: DecoderConfig,
+        image_size: int,
+        diffusion: Mapping[str, Any],
+        sampling: Mapping[str, Any],
+    ) -> None:
+        super().__init__()
+        self.diffusion_options = _check_diffusion(diffusion)
+        d = self.diffusion_options
+        if config.unet.learn_sigma != (d["variance"] == "learned"):
+            raise ConfigError(
+                f"decoder unet.learn_sigma={config.unet.learn_sigma} does not fit variance={d['variance']!r}"
+            )
+        if image_size < 1 or image_size % config.unet.size_multiple:
+            raise ConfigError(
+                f"decoder image_size={image_size} must be a positive multiple of "
+                f"{config.unet.size_multiple} (the U-Net's deepest downsampling factor)"
+            )
+        self.config = config
+        self.image_size = image_size
+        self.net = Decoder(config)
+        schedule = make_schedule(d["schedule"], int(d["num_timesteps"]), d["schedule_shift"])
+        self.diffusion = GaussianDiffusion(schedule, d["prediction"], d["variance"], d["loss_weighting"])
+        self.sampling = check_sampling(sampling, self.diffusion.num_timesteps)
+
+    def forward(
+        self,
+        images: Tensor,
+        image_embedding: Tensor,
+        caption_tokens: Tensor | None,
+        image_embedding_drop: float = 0.0,
+        caption_drop: float = 0.0,
+    ) -> dict[str, Tensor]:
+        """Per-sample training losses for (B, 3, S, S) images in [-1, 1] at uniform timesteps.
+
+        Each sample's CLIP embedding is replaced by the learned null embedding with probability
+        ``image_embedding_drop`` and, independently, its caption is hidden with probability ``caption_drop``
+        (§2.1). Everything runs inside ``forward`` so that DDP sees every parameter used.
+        """
+        batch, device = len(images), images.device
+        t = self.diffusion.sample_timesteps(batch, device=device)
+        cond = self.net.encode_condition(
+            image_embedding.float(),
+            caption_tokens,
+            drop_image_embedding=torch.rand(batch, device=device) < image_embedding_drop,
+            drop_caption=torch.rand(batch, device=device) < caption_drop,
+        )
+        return self.diffusion.training_losses(lambda x_t, t_: self.net(x_t, t_, cond), images.float(), t)
+
+    def guided_model(
+        self, image_embedding: Tensor, caption_tokens: Tensor | None, guidance_scale: float
+    ) -> ModelFn:
+        """``model_fn(x_t, t)`` for the samplers: the conditioning is encoded once here; with a scale other
+        than 1 the conditional and the null (no embedding, no caption) halves run as one batch."""
+        device = self.net.null_image_embedding.device
+        z = image_embedding.to(device, torch.float32)
+        tokens = None if caption_tokens is None else caption_tokens.to(device)
+        cond = self.net.encode_condition(z, tokens)
+        if guidance_scale == 1.0:
+            return lambda x, t: self.net(x, t, cond)
+        everything = torch.ones(len(z), dtype=torch.bool, device=device)
+        null = self.net.encode_condition(z, None, drop_image_embedding=everything)
+        doubled = cat_conditions(cond, null)
+        return classifier_free_guidance(
+            lambda x, t: self.net(x, t, doubled),
+            guidance_scale,
+            learned_variance=self.diffusion.learned_variance,
+        )
+
+    def save(self, folder: str | Path, clip_fingerprint: str) -> None:
+        """Write the component folder: ``config.yaml`` (kind, CLIP fingerprint, model, image size, diffusion,
+        sampling defaults) and ``model.safetensors``."""
+        folder = Path(folder)
+        save_tensors(folder / "model.safetensors", self.state_dict(), {"clip_fingerprint": clip_fingerprint})
+        write_yaml(
+            folder / "config.yaml",
+            {
+                "kind": COMPONENT_KIND,
+                "clip_fingerprint": clip_fingerprint,
+                "model": _plain(dataclasses.asdict(self.config)),
+                "image_size": self.image_size,
+                "diffusion": self.diffusion_options,
+                "sampling": self.sampling,
+            },
+        )
+
+    @classmethod
+    def load(cls, folder: str | Path, clip_fingerprint: str) -> DiffusionDecoder:
+        """Load a folder written by :meth:`save`, refusing one of another kind or trained against another
+        CLIP (its embeddings live in a different space)."""
+        path = Path(folder) / "config.yaml"
+        config = read_yaml(path)
+        if config.get("kind") != COMPONENT_KIND:
+            raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not a decoder")
+        if config.get("clip_fingerprint") != clip_fingerprint:
+            raise CheckpointError(
+                f"{path} was trained against CLIP {config.get('clip_fingerprint')!r}, but the CLIP in use is "
+                f"{clip_fingerprint!r}: its image embeddings live in another space"
+            )
+        try:
+            model = config["model"]
+            model_config = DecoderConfig(
+                unet=UNetConfig(**model["unet"]),
+                text=TextEncoderConfig(**model["text"]),
+                clip_embed_dim=model["clip_embed_dim"],
+                num_clip_tokens=model["num_clip_tokens"],
+            )
+            decoder = cls(model_config, config["image_size"], config["diffusion"], config["sampling"])
+        except (KeyError, TypeError, ConfigError) as err:
+            raise CheckpointError(f"{path} is not a valid decoder config: {err}") from err
+        load_state_strict(decoder, Path(folder) / "model.safetensors")
+        return decoder.eval()
+
+
+def _plain(value: Any) -> Any:
+    """Tuples to lists, so the YAML stays plain."""
+    if isinstance(value, dict):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _device(decoder: DiffusionDecoder) -> torch.device:
+    return decoder.net.null_image_embedding.device
+
+
+def inversion_timesteps(num_timesteps: int, steps: str) -> list[int]:
+    """The timesteps the inverted path visits: as many as ``steps`` names, every (T // N)-th from 0.
+
+    Inversion cannot end at the last timestep of a cosine schedule, where alpha_bar is ~1e-9: the first DDIM
+    step back computes x_0 = (x_T - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar), which multiplies the small
+    difference between eps(x_T) and the eps the inversion used by ~1e4. DDIM's own uniform spacing (Song et
+    al. 2021 §4.2) stops one stride short of T, where consecutive sqrt(alpha_bar) differ by a factor of ~2.
+    """
+    count = len(space_timesteps(num_timesteps, steps))
+    return list(range(0, num_timesteps, max(1, num_timesteps // count)))[:count]
+
+
+def _inverted_options(decoder: DiffusionDecoder, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """Sampling settings of the inverted path, which only DDIM can run."""
+    if overrides.get("sampler", "ddim") != "ddim":
+        raise ConfigError(
+            f"inverted noise is decoded with ddim (the inversion's reverse), not {overrides['sampler']!r}"
+        )
+    return check_sampling(
+        {**decoder.sampling, **overrides, "sampler": "ddim"}, decoder.diffusion.num_timesteps
+    )
+
+
+@torch.no_grad()
+def sample_decoder(
+    decoder: DiffusionDecoder,
+    image_embedding: Tensor,
+    caption_tokens: Tensor | None = None,
+    *,
+    inverted_noise: Tensor | None = None,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    **overrides: Any,
+) -> Tensor:
+    """Decode (B, D) CLIP image embeddings, with (B, L) CLIP caption token ids or none, into (B, 3, S, S)
+    images in [0, 1].
+
+    ``overrides`` replace the decoder's exported sampling settings (sampler, steps, eta, guidance_scale).
+    By default x_T is fresh noise drawn with ``generator`` and every predicted x_0 is clipped to [-1, 1].
+    ``inverted_noise`` is an x_T from :func:`invert_decoder` (same steps and guidance): then DDIM runs over
+    the inversion's timesteps without clipping, so that eta = 0 retraces the inversion.
+    """
+    inverted = inverted_noise is not None
+    if inverted:
+        options = _inverted_options(decoder, overrides)
+    else:
+        options = check_sampling({**decoder.sampling, **overrides}, decoder.diffusion.num_timesteps)
+    device = _device(decoder)
+    model_fn = decoder.guided_model(image_embedding, caption_tokens, options["guidance_scale"])
+    if inverted:
+        x = sample_ddim(
+            decoder.diffusion,
+            model_fn,
+            inverted_noise.to(device, torch.float32),
+            timesteps=inversion_timesteps(decoder.diffusion.num_timesteps, options["steps"]),
+            eta=options["eta"],
+            generator=generator,
+            progress=progress,
+        )
+    else:
+        size = decoder.image_size
+        x = sample(
+            decoder.diffusion,
+            model_fn,
+            (len(image_embedding), 3, size, size),
+            sampler=options["sampler"],
+            steps=options["steps"],
+            eta=options["eta"],
+            generator=generator,
+            x0_fn=static_clip(1.0),
+            progress=progress,
+            device=device,
+        )
+    return ((x + 1) / 2).clamp(0, 1)
+
+
+@torch.no_grad()
+def invert_decoder(
+    decoder: DiffusionDecoder,
+    images: Tensor,
+    image_embedding: Tensor,
+    caption_tokens: Tensor | None = None,
+    *,
+    progress: bool = False,
+    **overrides: Any,
+) -> Tensor:
+    """The x_T that :func:`sample_decoder` with ``inverted_noise`` (eta = 0, same steps and guidance)
+    decodes back into (B, 3, S, S) ``images`` in [0, 1]: unCLIP §3.1's inverted latent, found by
+    :func:`unclip.diffusion.ddim_invert` over :func:`inversion_timesteps`."""
+    options = _inverted_options(decoder, overrides)
+    size = decoder.image_size
+    if images.shape[1:] != (3, size, size):
+        raise ConfigError(f"images to invert must be (batch, 3, {size}, {size}), got {tuple(images.shape)}")
+    model_fn = decoder.guided_model(image_embedding, caption_tokens, options["guidance_scale"])
+    x0 = images.to(_device(decoder), torch.float32) * 2 - 1
+    timesteps = inversion_timesteps(decoder.diffusion.num_timesteps, options["steps"])
+    return ddim_invert(decoder.diffusion, model_fn, x0, timesteps=timesteps, progress=progress)

@@ -1,0 +1,64 @@
+"""How well does the decoder invert CLIP? (unCLIP §2.1; the reconstructions of §3.1, judged by pixels.)
+
+For each held-out image the decoder decodes the image's own CLIP embedding (with its caption, or with none,
+as image variation does), and the output is compared with the source:
+
+- ``colour_acc`` ... ``background_acc``: the pixel reader (:mod:`unclip.eval.shapes_reader`) on the output
+  against the source's true attributes. A CLIP image embedding describes the whole image, so every attribute
+  counts, whether or not the caption names it;
+- ``clip_cosine``: mean cosine similarity between the CLIP embedding of the output and the source's;
+- ``clip_cosine_shuffled``: the same against another, randomly paired source: the similarity any output of
+  this data reaches, so the gap to ``clip_cosine`` is what the decoder kept of its particular source.
+"""
+
+from __future__ import annotations
+
+import datasets
+import torch
+import torch.nn.functional as F
+
+from unclip.clip.model import ClipEncoder
+from unclip.decoder_sampling import DiffusionDecoder, sample_decoder
+from unclip.eval.shapes_reader import ATTRIBUTES, attribute_accuracy
+from unclip.images import to_uint8
+
+
+def derangement(n: int, generator: torch.Generator) -> torch.Tensor:
+    """A random permutation of range(n) with no fixed point (n >= 2): each index sent to the next one in a
+    random cycle."""
+    order = torch.randperm(n, generator=generator)
+    partner = torch.empty(n, dtype=torch.long)
+    partner[order] = order.roll(-1)
+    return partner
+
+
+@torch.no_grad()
+def evaluate_decoder(
+    decoder: DiffusionDecoder,
+    encoder: ClipEncoder,
+    rows: datasets.Dataset,
+    *,
+    generator: torch.Generator,
+    with_caption: bool = True,
+    batch_size: int = 64,
+    **sampling: object,
+) -> dict[str, float]:
+    """Metrics of the decoder on embedded ``rows`` (an ``embed_split`` result of a ``shapes`` split, at least
+    two rows). ``sampling`` overrides the decoder's sampling settings."""
+    data = rows.with_format("torch", columns=["image_embedding", "token_ids"])
+    device = next(encoder.parameters()).device
+    outputs, generated = [], []
+    for start in range(0, len(rows), batch_size):
+        chunk = data[start : start + batch_size]
+        tokens = chunk["token_ids"].long() if with_caption else None
+        images = sample_decoder(decoder, chunk["image_embedding"], tokens, generator=generator, **sampling)
+        outputs.append(encoder.encode_image(images.to(device)).float().cpu())
+        generated.extend(to_uint8(images))
+    embedded, truth = torch.cat(outputs), data[:]["image_embedding"].float()
+    records = [{a: row[a] for a in ATTRIBUTES} for row in rows.select_columns(list(ATTRIBUTES))]
+    accuracy = attribute_accuracy(generated, records, ATTRIBUTES)
+    metrics = {f"{a}_acc": accuracy[a] for a in ATTRIBUTES}
+    metrics["clip_cosine"] = float(F.cosine_similarity(embedded, truth, dim=-1).mean())
+    shuffled = truth[derangement(len(truth), generator)]
+    metrics["clip_cosine_shuffled"] = float(F.cosine_similarity(embedded, shuffled, dim=-1).mean())
+    return metrics
