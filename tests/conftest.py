@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -10,6 +12,7 @@ import torch
 from hydra import compose, initialize_config_module
 from hydra.core.global_hydra import GlobalHydra
 
+from unclip.clip.model import ClipEncoder
 from unclip.config.schema import register_configs
 
 REPO = Path(__file__).resolve().parents[1]
@@ -36,6 +39,47 @@ FAST_RUN = [
 FAST_CLIP = [*FAST_CLIP, *FAST_RUN]
 
 
+# A tiny random ViT CLIP for the stages that consume a frozen CLIP component folder.
+TINY_ARCH = {
+    "embed_dim": 32,
+    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
+    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
+}
+
+
+def compose_train(overrides: list[str], config_name: str = "train"):
+    """Compose the packaged config with overrides, as ``unclip-train`` would."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    with initialize_config_module(config_module="unclip.conf", version_base="1.3"):
+        return compose(config_name=config_name, overrides=overrides)
+
+
+def run_sample_cli(args: list[str], cwd) -> subprocess.CompletedProcess:
+    """Run ``unclip-sample`` (as a module, from this checkout) in ``cwd``."""
+    return subprocess.run(
+        [sys.executable, "-m", "unclip.cli.sample", *args],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+    )
+
+
+def _save_tiny_clip(folder: Path, seed: int) -> str:
+    torch.manual_seed(seed)
+    ClipEncoder("tiny-test", None, TINY_ARCH).save(folder)
+    return str(folder)
+
+
+@pytest.fixture(scope="module")
+def clip_dirs(tmp_path_factory: pytest.TempPathFactory) -> tuple[str, str]:
+    """Two tiny random CLIP component folders with different weights (so different fingerprints)."""
+    root = tmp_path_factory.mktemp("clips")
+    return _save_tiny_clip(root / "a", 0), _save_tiny_clip(root / "b", 1)
+
+
 @pytest.fixture(scope="session", autouse=True)
 def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Every test shares one cache folder, so each shapes split is rendered once per session."""
@@ -49,12 +93,5 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
 @pytest.fixture
 def compose_cfg():
     """Compose the packaged ``train`` config with overrides, as ``unclip-train`` would."""
-    register_configs()
-
-    def _compose(overrides: list[str], config_name: str = "train"):
-        GlobalHydra.instance().clear()
-        with initialize_config_module(config_module="unclip.conf", version_base="1.3"):
-            return compose(config_name=config_name, overrides=overrides)
-
-    yield _compose
+    yield compose_train
     GlobalHydra.instance().clear()

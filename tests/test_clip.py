@@ -8,16 +8,12 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from tests.conftest import TINY_ARCH
 from unclip.clip.cache import embed_split
 from unclip.clip.conv_tower import ConvTower, MedianCentredInput
 from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError, ConfigError
 
-TINY_ARCH = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 CONV_ARCH = {
     "embed_dim": 32,
     "conv_tower": {"image_size": 32, "channels": [8, 16, 16], "strides": [2, 2, 1]},

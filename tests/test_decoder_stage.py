@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
 
-from tests.conftest import FAST_RUN, REPO
+from tests.conftest import FAST_RUN, compose_train, run_sample_cli
 from unclip.clip.model import ClipEncoder
 from unclip.config.schema import validate
 from unclip.decoder_sampling import DiffusionDecoder, decoder_config, sample_decoder
@@ -23,11 +20,6 @@ from unclip.pipeline import UnCLIPPipeline, assemble
 from unclip.prior_sampling import DiffusionPrior, EmbeddingNormalizer
 from unclip.train.trainer import Trainer
 
-TINY_ARCH = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 SMALL_UNET = {"model_channels": 16, "num_head_channels": 16}
 SMALL_TEXT = {"width": 16, "layers": 1}
 FAST_DECODER = [
@@ -66,32 +58,10 @@ def small_decoder(size: int = 16, seed: int = 0, **diffusion) -> DiffusionDecode
     return DiffusionDecoder(config, size, options, SAMPLING)
 
 
-def _clip_folder(folder, seed: int) -> str:
-    torch.manual_seed(seed)
-    ClipEncoder("tiny-test", None, TINY_ARCH).save(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def clip_dirs(tmp_path_factory) -> tuple[str, str]:
-    """Two tiny random CLIPs with different weights (so different fingerprints)."""
-    root = tmp_path_factory.mktemp("clips")
-    return _clip_folder(root / "a", 0), _clip_folder(root / "b", 1)
-
-
 @pytest.fixture(scope="module")
 def trained_run(clip_dirs, tmp_path_factory):
     """A decoder trained a few steps through the one trainer; (run folder, final metrics)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from unclip.config.schema import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="unclip.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST_DECODER, f"stage.clip={clip_dirs[0]}", "trainer.max_steps=3"])
-    GlobalHydra.instance().clear()
+    cfg = compose_train([*FAST_DECODER, f"stage.clip={clip_dirs[0]}", "trainer.max_steps=3"])
     run = tmp_path_factory.mktemp("decoder_run")
     return run, Trainer(cfg, run).fit()
 
@@ -224,17 +194,6 @@ def test_export_load_round_trip_and_refusals(trained_run, clip_dirs, tmp_path):
         DiffusionDecoder.load(tmp_path / "broken", fingerprint)
 
 
-def _sample(args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "unclip.cli.sample", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-
-
 def test_pipeline_and_cli_turn_text_into_pngs(trained_run, clip_dirs, tmp_path):
     run, _ = trained_run
     clip = ClipEncoder.load(clip_dirs[0])
@@ -256,7 +215,7 @@ def test_pipeline_and_cli_turn_text_into_pngs(trained_run, clip_dirs, tmp_path):
     assert torch.equal(images, again)
 
     args = [f"pipeline={folder}", "prompt=a small red star", "num_images=2", "seed=3", "progress=false"]
-    result = _sample([*args, "decoder.steps=3", f"out={tmp_path / 'out'}"], tmp_path)
+    result = run_sample_cli([*args, "decoder.steps=3", f"out={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 0, result.stderr
     sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
     assert sidecar["decoder"]["steps"] == "3" and [r["file"] for r in sidecar["rows"]] == [

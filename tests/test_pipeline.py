@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import TINY_ARCH, run_sample_cli
 from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError
 from unclip.io import load_tensors, write_yaml
@@ -18,11 +15,6 @@ from unclip.models.prior import PriorConfig
 from unclip.pipeline import UnCLIPPipeline, assemble
 from unclip.prior_sampling import DiffusionPrior, EmbeddingNormalizer
 
-ARCH = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 SAMPLING = {"sampler": "ddim", "steps": "8", "eta": 0.0, "guidance_scale": 2.0, "candidates": 2}
 
 
@@ -30,14 +22,14 @@ SAMPLING = {"sampler": "ddim", "steps": "8", "eta": 0.0, "guidance_scale": 2.0, 
 def components(tmp_path_factory):
     root = tmp_path_factory.mktemp("components")
     torch.manual_seed(0)
-    clip = ClipEncoder("tiny-test", None, ARCH)
+    clip = ClipEncoder("tiny-test", None, TINY_ARCH)
     fingerprint = clip.save(root / "clip")
     config = PriorConfig.preset(
         "tiny", clip_embed_dim=32, text_token_dim=32, max_text_tokens=24, num_timesteps=100
     )
     prior = DiffusionPrior(config, EmbeddingNormalizer("unit_scale", 32), "cosine", SAMPLING)
     prior.save(root / "prior", fingerprint)
-    other = ClipEncoder("tiny-test", None, ARCH)  # another random init: another fingerprint
+    other = ClipEncoder("tiny-test", None, TINY_ARCH)  # another random init: another fingerprint
     prior.save(root / "prior_other_clip", other.fingerprint())
     return root
 
@@ -65,26 +57,15 @@ def test_missing_stage_and_unknown_folder_are_named(components, tmp_path):
         UnCLIPPipeline.load(tmp_path / "nowhere")
 
 
-def _sample(args, cwd):
-    return subprocess.run(
-        [sys.executable, "-m", "unclip.cli.sample", *args],
-        cwd=cwd,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "PYTHONPATH": str(REPO)},
-    )
-
-
 def test_sample_cli_writes_embeddings_and_a_sidecar_that_regenerates_them(components, tmp_path):
     folder = assemble(tmp_path / "pipe", {"clip": components / "clip", "prior": components / "prior"})
     args = [f"pipeline={folder}", "prompt=a small red star", "num_images=3", "seed=7", "progress=false"]
-    first = _sample([*args, f"out={tmp_path / 'a'}"], tmp_path)
+    first = run_sample_cli([*args, f"out={tmp_path / 'a'}"], tmp_path)
     assert first.returncode == 0, first.stderr
     sidecar = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert sidecar["prompts"] == ["a small red star"] and sidecar["seed"] == 7
     assert sidecar["prior"]["guidance_scale"] == 2.0 and len(sidecar["rows"]) == 3
-    again = _sample(
+    again = run_sample_cli(
         [
             f"pipeline={folder}",
             f"prompt={sidecar['prompts'][0]}",
@@ -111,6 +92,6 @@ def test_sample_cli_writes_embeddings_and_a_sidecar_that_regenerates_them(compon
 )
 def test_sample_cli_bad_input_is_one_line(components, tmp_path, args, message):
     folder = assemble(tmp_path / "pipe", {"clip": components / "clip", "prior": components / "prior"})
-    result = _sample([f"pipeline={folder}", *args, f"out={tmp_path / 'o'}"], tmp_path)
+    result = run_sample_cli([f"pipeline={folder}", *args, f"out={tmp_path / 'o'}"], tmp_path)
     assert result.returncode == 1
     assert message in result.stderr and "Traceback" not in result.stderr

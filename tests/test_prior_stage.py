@@ -7,7 +7,7 @@ import json
 import pytest
 import torch
 
-from tests.conftest import FAST_RUN
+from tests.conftest import FAST_RUN, compose_train
 from unclip.clip.model import ClipEncoder, TextEncoding
 from unclip.config.schema import validate
 from unclip.errors import CheckpointError, ConfigError
@@ -18,11 +18,6 @@ from unclip.train.trainer import Trainer
 
 D, D_TEXT, L = 16, 12, 6
 SAMPLING = {"sampler": "ddim", "steps": "8", "eta": 0.0, "guidance_scale": 2.0, "candidates": 2}
-TINY_ARCH = {
-    "embed_dim": 32,
-    "vision_cfg": {"image_size": 32, "patch_size": 8, "width": 32, "layers": 1, "head_width": 16},
-    "text_cfg": {"context_length": 24, "vocab_size": 49408, "width": 32, "heads": 2, "layers": 1},
-}
 FAST_PRIOR = [
     "stage=prior",
     "stage.model.width=32",
@@ -33,32 +28,10 @@ FAST_PRIOR = [
 ]
 
 
-def _clip_folder(folder, seed: int) -> str:
-    torch.manual_seed(seed)
-    ClipEncoder("tiny-test", None, TINY_ARCH).save(folder)
-    return str(folder)
-
-
-@pytest.fixture(scope="module")
-def clip_dirs(tmp_path_factory) -> tuple[str, str]:
-    """Two tiny random CLIPs with different weights (so different fingerprints)."""
-    root = tmp_path_factory.mktemp("clips")
-    return _clip_folder(root / "a", 0), _clip_folder(root / "b", 1)
-
-
 @pytest.fixture(scope="module")
 def trained_run(clip_dirs, tmp_path_factory):
     """A prior trained a few steps through the one trainer; (run folder, final metrics)."""
-    from hydra import compose, initialize_config_module
-    from hydra.core.global_hydra import GlobalHydra
-
-    from unclip.config.schema import register_configs
-
-    register_configs()
-    GlobalHydra.instance().clear()
-    with initialize_config_module(config_module="unclip.conf", version_base="1.3"):
-        cfg = compose("train", overrides=[*FAST_PRIOR, f"stage.clip={clip_dirs[0]}", "trainer.max_steps=4"])
-    GlobalHydra.instance().clear()
+    cfg = compose_train([*FAST_PRIOR, f"stage.clip={clip_dirs[0]}", "trainer.max_steps=4"])
     run = tmp_path_factory.mktemp("prior_run")
     return run, Trainer(cfg, run).fit()
 

@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from tests.test_decoder_stage import TINY_ARCH, _sample, small_decoder
+from tests.conftest import TINY_ARCH, run_sample_cli
+from tests.test_decoder_stage import small_decoder
 from unclip.clip.model import ClipEncoder
 from unclip.decoder_sampling import invert_decoder, sample_decoder
 from unclip.errors import ConfigError
@@ -172,7 +173,7 @@ def test_sample_cli_makes_variations_of_an_image_file(models, tmp_path):
     photo = Image.fromarray((_source(40).permute(1, 2, 0).numpy() * 255).astype("uint8"))
     photo.convert("RGBA").save(tmp_path / "photo.png", exif=exif)
     args = [f"pipeline={folder}", f"image={tmp_path / 'photo.png'}", "num_images=2", "progress=false"]
-    result = _sample(
+    result = run_sample_cli(
         [
             *args,
             "prompt=a red circle",
@@ -190,7 +191,7 @@ def test_sample_cli_makes_variations_of_an_image_file(models, tmp_path):
     assert load_image(tmp_path / "v" / "0001.png").shape == (3, 16, 16)
 
     (tmp_path / "notes.jpg").write_text("not a picture")
-    bad = _sample(
+    bad = run_sample_cli(
         [f"pipeline={folder}", f"image={tmp_path / 'notes.jpg'}", f"out={tmp_path / 'b'}"], tmp_path
     )
     assert bad.returncode == 1 and "notes.jpg" in bad.stderr and "Traceback" not in bad.stderr

@@ -40,7 +40,7 @@ from unclip.diffusion import (
 )
 from unclip.diffusion.gaussian import ModelFn
 from unclip.errors import CheckpointError, ConfigError
-from unclip.io import load_state_strict, read_yaml, save_tensors, write_yaml
+from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
 from unclip.models.decoder import Decoder, DecoderConfig, cat_conditions, decoder_paper, decoder_tiny
 from unclip.models.text_encoder import TextEncoderConfig
 from unclip.models.unet import UNetConfig
@@ -215,15 +215,7 @@ class DiffusionDecoder(nn.Module):
     def load(cls, folder: str | Path, clip_fingerprint: str) -> DiffusionDecoder:
         """Load a folder written by :meth:`save`, refusing one of another kind or trained against another
         CLIP (its embeddings live in a different space)."""
-        path = Path(folder) / "config.yaml"
-        config = read_yaml(path)
-        if config.get("kind") != COMPONENT_KIND:
-            raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not a decoder")
-        if config.get("clip_fingerprint") != clip_fingerprint:
-            raise CheckpointError(
-                f"{path} was trained against CLIP {config.get('clip_fingerprint')!r}, but the CLIP in use is "
-                f"{clip_fingerprint!r}: its image embeddings live in another space"
-            )
+        path, config = read_component_config(folder, COMPONENT_KIND, "decoder", clip_fingerprint)
         try:
             model = config["model"]
             model_config = DecoderConfig(

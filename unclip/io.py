@@ -71,6 +71,23 @@ def read_yaml(path: str | Path) -> dict[str, Any]:
     return data
 
 
+def read_component_config(
+    folder: str | Path, kind: str, label: str, clip_fingerprint: str | None = None
+) -> tuple[Path, dict[str, Any]]:
+    """Read a pipeline component's ``config.yaml``; refuse a component of another ``kind`` or, when
+    ``clip_fingerprint`` is given, one trained against another CLIP (its embeddings live in another space)."""
+    path = Path(folder) / "config.yaml"
+    config = read_yaml(path)
+    if config.get("kind") != kind:
+        raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not a {label}")
+    if clip_fingerprint is not None and config.get("clip_fingerprint") != clip_fingerprint:
+        raise CheckpointError(
+            f"{path} was trained against CLIP {config.get('clip_fingerprint')!r}, but the CLIP in use is "
+            f"{clip_fingerprint!r}: its image embeddings live in another space"
+        )
+    return path, config
+
+
 def save_tensors(
     path: str | Path, tensors: Mapping[str, torch.Tensor], metadata: Mapping[str, str] | None = None
 ) -> None:

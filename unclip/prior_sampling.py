@@ -29,7 +29,7 @@ from unclip.clip.model import TextEncoding
 from unclip.diffusion import SAMPLERS, GaussianDiffusion, classifier_free_guidance, make_schedule, sample
 from unclip.diffusion.schedule import space_timesteps
 from unclip.errors import CheckpointError, ConfigError
-from unclip.io import load_state_strict, read_yaml, save_tensors, write_yaml
+from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
 from unclip.models.prior import PriorConfig, PriorTransformer, concat_conditions
 
 COMPONENT_KIND = "prior"
@@ -198,15 +198,7 @@ class DiffusionPrior(nn.Module):
     def load(cls, folder: str | Path, clip_fingerprint: str) -> DiffusionPrior:
         """Load a folder written by :meth:`save`, refusing one of another kind or trained against another CLIP
         (its embeddings live in a different space)."""
-        path = Path(folder) / "config.yaml"
-        config = read_yaml(path)
-        if config.get("kind") != COMPONENT_KIND:
-            raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not a diffusion prior")
-        if config.get("clip_fingerprint") != clip_fingerprint:
-            raise CheckpointError(
-                f"{path} was trained against CLIP {config.get('clip_fingerprint')!r}, but the CLIP in use is "
-                f"{clip_fingerprint!r}: its image embeddings live in another space"
-            )
+        path, config = read_component_config(folder, COMPONENT_KIND, "diffusion prior", clip_fingerprint)
         try:
             prior_config = PriorConfig(**config["model"])
             normalizer = EmbeddingNormalizer(config["normalize"], prior_config.clip_embed_dim)

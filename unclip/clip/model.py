@@ -22,7 +22,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from unclip.clip.conv_tower import ConvTower
 from unclip.errors import CheckpointError, ConfigError
-from unclip.io import load_state_strict, read_yaml, save_tensors, write_yaml
+from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
 
 COMPONENT_KIND = "clip"
 
@@ -219,11 +219,7 @@ class ClipEncoder(torch.nn.Module):
     def load(cls, folder: str | Path) -> ClipEncoder:
         """Load a folder written by :meth:`save`; refuse one of another kind or with altered weights."""
         folder = Path(folder)
-        config = read_yaml(folder / "config.yaml")
-        if config.get("kind") != COMPONENT_KIND:
-            raise CheckpointError(
-                f"{folder / 'config.yaml'} describes a {config.get('kind')!r}, not a CLIP model"
-            )
+        _, config = read_component_config(folder, COMPONENT_KIND, "CLIP model")
         encoder = cls(config["name"], None, config.get("arch"))
         load_state_strict(encoder.model, folder / "model.safetensors")
         if config.get("fingerprint") and encoder.fingerprint() != config["fingerprint"]:
