@@ -4,7 +4,8 @@ A stage says how to build its model, turn a batch into a loss, evaluate and expo
 The trainer (:mod:`unclip.train.trainer`) calls, in order: ``prepare_data`` (main process first, so caches are
 built once), ``build_model``, ``train_dataset``, ``setup`` (after Accelerate has wrapped the model), then
 ``loss`` every micro-batch, ``after_optimizer_step`` after every optimizer step, and ``evaluate`` / ``export``
-on an EMA copy of the model.
+on an EMA copy of the model. ``unclip-eval`` calls ``prepare_data``, ``load_export``, ``setup`` and
+``evaluate``.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, default_collate
+
+from unclip.errors import ConfigError
 
 
 class Stage(ABC):
@@ -60,3 +63,8 @@ class Stage(ABC):
     @abstractmethod
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         """Write the component folder (``config.yaml`` + ``model.safetensors``) that a pipeline loads."""
+
+    def load_export(self, folder: Path) -> torch.nn.Module:
+        """The model :meth:`export` wrote to ``folder``, as :meth:`evaluate` takes it, with the sampling
+        settings of the current config."""
+        raise ConfigError(f"the {self.name} stage cannot load its export for evaluation")

@@ -128,3 +128,6 @@ class ClipStage(Stage):
 
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         model.encoder.save(folder)
+
+    def load_export(self, folder: Path) -> torch.nn.Module:
+        return ClipModule(ClipEncoder.load(folder))

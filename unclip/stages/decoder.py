@@ -191,3 +191,10 @@ class DecoderStage(Stage):
 
     def export(self, model: torch.nn.Module, folder: Path) -> None:
         model.save(folder, self.clip_fingerprint)
+
+    def load_export(self, folder: Path) -> torch.nn.Module:
+        model = DiffusionDecoder.load(folder, self.clip_fingerprint)
+        model.sampling = check_sampling(
+            OmegaConf.to_container(self.cfg.stage.sampling), model.diffusion.num_timesteps
+        )
+        return model
