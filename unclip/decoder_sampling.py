@@ -28,8 +28,8 @@ import torch
 from torch import Tensor, nn
 
 from unclip.diffusion import (
-    SAMPLERS,
     GaussianDiffusion,
+    check_sampler_settings,
     classifier_free_guidance,
     ddim_invert,
     make_schedule,
@@ -47,7 +47,6 @@ from unclip.models.unet import UNetConfig
 
 COMPONENT_KIND = "decoder"
 PRESETS = {"tiny": decoder_tiny, "paper": decoder_paper}
-SAMPLING_KEYS = ("sampler", "steps", "eta", "guidance_scale")
 DIFFUSION_KEYS = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
 
 
@@ -89,20 +88,7 @@ def decoder_config(
 
 def check_sampling(options: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
     """Validate decoder sampler settings; return them as a plain dict. Errors name the key."""
-    options = dict(options)
-    unknown = sorted(set(options) ^ set(SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"decoder sampling keys {unknown} are missing or unknown; expected {SAMPLING_KEYS}")
-    if options["sampler"] not in SAMPLERS:
-        raise ConfigError(f"sampling.sampler={options['sampler']!r} must be one of {SAMPLERS}")
-    if options["eta"] < 0 or (options["eta"] != 0.0 and options["sampler"] != "ddim"):
-        raise ConfigError(f"sampling.eta={options['eta']} must be >= 0 and only applies to the ddim sampler")
-    if options["guidance_scale"] < 0:
-        raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
-    options["steps"] = str(options["steps"])
-    space_timesteps(num_timesteps, options["steps"])  # raises ConfigError naming a bad spec
-    options["eta"], options["guidance_scale"] = float(options["eta"]), float(options["guidance_scale"])
-    return options
+    return check_sampler_settings(dict(options), "decoder", num_timesteps)
 
 
 def _check_diffusion(options: Mapping[str, Any]) -> dict[str, Any]:

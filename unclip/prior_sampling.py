@@ -26,15 +26,19 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from unclip.clip.model import TextEncoding
-from unclip.diffusion import SAMPLERS, GaussianDiffusion, classifier_free_guidance, make_schedule, sample
-from unclip.diffusion.schedule import space_timesteps
+from unclip.diffusion import (
+    GaussianDiffusion,
+    check_sampler_settings,
+    classifier_free_guidance,
+    make_schedule,
+    sample,
+)
 from unclip.errors import CheckpointError, ConfigError
 from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
 from unclip.models.prior import PriorConfig, PriorTransformer, concat_conditions
 
 COMPONENT_KIND = "prior"
 NORMALIZATIONS = ("zscore", "unit_scale")
-SAMPLING_KEYS = ("sampler", "steps", "eta", "guidance_scale", "candidates")
 
 
 class EmbeddingNormalizer(nn.Module):
@@ -112,21 +116,10 @@ class EmbeddingNormalizer(nn.Module):
 
 
 def check_sampling(options: Mapping[str, Any], num_timesteps: int) -> dict[str, Any]:
-    """Validate prior sampler settings; return them as a plain dict. Errors name the key."""
-    options = dict(options)
-    unknown = sorted(set(options) ^ set(SAMPLING_KEYS))
-    if unknown:
-        raise ConfigError(f"prior sampling keys {unknown} are missing or unknown; expected {SAMPLING_KEYS}")
-    if options["sampler"] not in SAMPLERS:
-        raise ConfigError(f"sampling.sampler={options['sampler']!r} must be one of {SAMPLERS}")
-    if options["eta"] != 0.0 and options["sampler"] != "ddim":
-        raise ConfigError(f"sampling.eta={options['eta']} only applies to the ddim sampler")
+    """Validate prior sampler settings, best-of-n ``candidates`` included; return them as a plain dict."""
+    options = check_sampler_settings(dict(options), "prior", num_timesteps, extra_keys=("candidates",))
     if not (isinstance(options["candidates"], int) and options["candidates"] >= 1):
         raise ConfigError(f"sampling.candidates={options['candidates']!r} must be a positive integer")
-    if options["guidance_scale"] < 0:
-        raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
-    options["steps"] = str(options["steps"])
-    space_timesteps(num_timesteps, options["steps"])  # raises ConfigError naming a bad spec
     return options
 
 

@@ -22,9 +22,15 @@ def friendly_errors(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
         try:
             return run(cfg)
         except UnclipError as err:
-            if os.environ.get("HYDRA_FULL_ERROR") == "1" or bool(cfg.get("debug", False)):
-                traceback.print_exc()
-            print(f"error: {err}", file=sys.stderr)
-            sys.exit(1)
+            exit_with_error(err, debug=bool(cfg.get("debug", False)))
 
     return wrapper
+
+
+def exit_with_error(err: UnclipError, debug: bool = False) -> None:
+    """Print ``err`` as one ``error: ...`` line (with the traceback first when ``debug`` or
+    ``HYDRA_FULL_ERROR=1``) and exit 1."""
+    if debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
+        traceback.print_exc()
+    print(f"error: {err}", file=sys.stderr)
+    sys.exit(1)

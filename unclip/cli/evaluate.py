@@ -14,12 +14,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
-import sys
-import traceback
 from pathlib import Path
 from typing import Any
 
+from unclip.cli.common import exit_with_error
 from unclip.errors import ConfigError, UnclipError
 
 
@@ -51,7 +49,6 @@ def compose_run_config(run: Path, overrides: list[str]) -> Any:
 
 def evaluate_run(run: Path, overrides: list[str], export: Path | None = None) -> dict[str, float]:
     """Load the run's component (``export`` or ``<run>/export``) and return the stage's evaluation."""
-    import torch
     from accelerate import Accelerator
 
     from unclip.stages import build_stage
@@ -63,7 +60,6 @@ def evaluate_run(run: Path, overrides: list[str], export: Path | None = None) ->
     model = stage.load_export(folder)
     accelerator = Accelerator(cpu=bool(cfg.trainer.cpu))
     stage.setup(accelerator)
-    torch.manual_seed(int(cfg.seed))
     return stage.evaluate(model.to(accelerator.device).eval())
 
 
@@ -81,10 +77,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         metrics = evaluate_run(args.run, args.overrides, args.export)
     except UnclipError as err:
-        if args.debug or os.environ.get("HYDRA_FULL_ERROR") == "1":
-            traceback.print_exc()
-        print(f"error: {err}", file=sys.stderr)
-        sys.exit(1)
+        exit_with_error(err, debug=args.debug)
     report = json.dumps({"run": str(args.run), "overrides": args.overrides, "eval": metrics}, indent=2)
     print(report)
     if args.out is not None:

@@ -4,6 +4,7 @@ from unclip.diffusion.gaussian import GaussianDiffusion
 from unclip.diffusion.guidance import classifier_free_guidance
 from unclip.diffusion.samplers import (
     SAMPLERS,
+    check_sampler_settings,
     ddim_invert,
     dynamic_threshold,
     sample,
@@ -18,6 +19,7 @@ __all__ = [
     "SAMPLERS",
     "GaussianDiffusion",
     "NoiseSchedule",
+    "check_sampler_settings",
     "classifier_free_guidance",
     "ddim_invert",
     "dynamic_threshold",

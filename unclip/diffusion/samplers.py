@@ -21,6 +21,31 @@ from unclip.diffusion.schedule import NoiseSchedule, space_timesteps
 from unclip.errors import ConfigError
 
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m")
+SAMPLER_KEYS = ("sampler", "steps", "eta", "guidance_scale")
+
+
+def check_sampler_settings(
+    options: dict, owner: str, num_timesteps: int, extra_keys: Sequence[str] = ()
+) -> dict:
+    """Validate the sampler settings every stage shares (sampler, steps, eta, guidance_scale), allowing an
+    ``owner``'s ``extra_keys`` (the caller checks their values). Returns a plain dict: ``steps`` as a spec
+    string, ``eta`` and ``guidance_scale`` as floats. Errors name the key."""
+    options = dict(options)
+    expected = (*SAMPLER_KEYS, *extra_keys)
+    unknown = sorted(set(options) ^ set(expected))
+    if unknown:
+        raise ConfigError(f"{owner} sampling keys {unknown} are missing or unknown; expected {expected}")
+    if options["sampler"] not in SAMPLERS:
+        raise ConfigError(f"sampling.sampler={options['sampler']!r} must be one of {SAMPLERS}")
+    if options["eta"] < 0 or (options["eta"] != 0.0 and options["sampler"] != "ddim"):
+        raise ConfigError(f"sampling.eta={options['eta']} must be >= 0 and only applies to the ddim sampler")
+    if options["guidance_scale"] < 0:
+        raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
+    options["steps"] = str(options["steps"])
+    space_timesteps(num_timesteps, options["steps"])  # raises ConfigError naming a bad spec
+    options["eta"], options["guidance_scale"] = float(options["eta"]), float(options["guidance_scale"])
+    return options
+
 
 X0Fn = Callable[[Tensor], Tensor]
 Noise = Tensor | Sequence[int]
