@@ -57,6 +57,13 @@ def test_eval_reproduces_the_trainers_final_evaluation(runs, stage):
     assert json.loads(done.stdout)["eval"] == _final_eval(run)
 
 
+def test_eval_of_the_last_checkpoint_is_the_final_evaluation(runs):
+    prior = runs[1]
+    done = _evaluate(prior.parent, [str(prior), "--checkpoint", str(prior / "checkpoints" / "step_00000003")])
+    assert done.returncode == 0, done.stderr[-2000:]
+    assert json.loads(done.stdout)["eval"] == _final_eval(prior)
+
+
 def test_eval_applies_new_settings_and_writes_out(runs, tmp_path):
     prior = runs[1]
     out = tmp_path / "metrics.json"
@@ -77,10 +84,12 @@ def test_eval_applies_new_settings_and_writes_out(runs, tmp_path):
         (["{prior}", "stage.eval_captions=many"], "eval_captions"),
         (["{prior}", "--export", "{prior}/missing"], "missing"),
         (["{prior}", "stage.sampling.steps=0"], "steps"),
+        (["{prior}", "--checkpoint", "{prior}"], "not a complete checkpoint"),
+        (["{prior}", "--checkpoint", "{clip}/checkpoints/step_00000003"], "does not fit this model"),
     ],
 )
 def test_eval_refuses_bad_input_in_one_line(runs, args, message):
-    prior = runs[1]
-    done = _evaluate(prior.parent, [a.format(prior=prior) for a in args])
+    clip, prior = runs
+    done = _evaluate(prior.parent, [a.format(prior=prior, clip=clip) for a in args])
     assert done.returncode == 1
     assert done.stderr.startswith("error:") and message in done.stderr

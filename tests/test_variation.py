@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -195,3 +196,16 @@ def test_sample_cli_makes_variations_of_an_image_file(models, tmp_path):
         [f"pipeline={folder}", f"image={tmp_path / 'notes.jpg'}", f"out={tmp_path / 'b'}"], tmp_path
     )
     assert bad.returncode == 1 and "notes.jpg" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.parametrize("name", ["astronaut.png", "camera.png", "rocket.jpg", "coffee.png"])
+def test_variations_of_real_photographs(models, name):
+    data = pytest.importorskip("skimage.data")
+    clip, decoder = models
+    photo = load_image(Path(data.__file__).parent / name)
+    for invert in (False, True):
+        out = image_variations(
+            clip, decoder, photo, 2, invert=invert, steps="4", generator=torch.Generator().manual_seed(0)
+        )
+        assert out.shape == (2, 3, 16, 16) and torch.isfinite(out).all()
+        assert out.min() >= 0 and out.max() <= 1

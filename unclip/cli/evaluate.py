@@ -2,11 +2,13 @@
 
     unclip-eval runs/shapes/prior                                        # the run's export, its own settings
     unclip-eval runs/shapes/prior stage.sampling.guidance_scale=4 stage.eval_captions=500
-    unclip-eval runs/shapes/clip --export runs/shapes/clip/checkpoints/...  # another component folder
+    unclip-eval runs/shapes/clip --export other/export                    # another component folder
+    unclip-eval runs/shapes/decoder --checkpoint runs/shapes/decoder/checkpoints/step_00000500  # EMA weights
 
 The run's configuration is composed again from its saved overrides (``.hydra/overrides.yaml``) followed by the
 new ones, so a typo or a wrong type is refused exactly as ``unclip-train`` refuses it. The stage's own
-evaluation (the one the trainer's eval hook runs) is applied to the run's ``export/`` and printed as JSON;
+evaluation (the one the trainer's eval hook runs) is applied to the run's ``export/`` -- or to the EMA weights
+of one of its checkpoints, which is how a learning curve is measured after training -- and printed as JSON;
 ``--out FILE`` also writes it.
 """
 
@@ -47,17 +49,26 @@ def compose_run_config(run: Path, overrides: list[str]) -> Any:
     return cfg
 
 
-def evaluate_run(run: Path, overrides: list[str], export: Path | None = None) -> dict[str, float]:
-    """Load the run's component (``export`` or ``<run>/export``) and return the stage's evaluation."""
+def evaluate_run(
+    run: Path, overrides: list[str], export: Path | None = None, checkpoint: Path | None = None
+) -> dict[str, float]:
+    """Load the run's component (``export`` or ``<run>/export``), or the EMA weights of a training
+    ``checkpoint`` folder, and return the stage's evaluation."""
     from accelerate import Accelerator
 
     from unclip.stages import build_stage
+    from unclip.train.checkpoint import load_ema_weights
 
+    if export is not None and checkpoint is not None:
+        raise ConfigError("give --export or --checkpoint, not both")
     cfg = compose_run_config(run, overrides)
     folder = export or run / "export"
     stage = build_stage(cfg)
     stage.prepare_data()
-    model = stage.load_export(folder)
+    if checkpoint is None:
+        model = stage.load_export(folder)
+    else:
+        model = load_ema_weights(checkpoint, stage.build_model())
     accelerator = Accelerator(cpu=bool(cfg.trainer.cpu))
     stage.setup(accelerator)
     return stage.evaluate(model.to(accelerator.device).eval())
@@ -71,11 +82,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("run", type=Path, help="an unclip-train run folder (holds .hydra/ and export/)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stage.sampling.guidance_scale=4")
     parser.add_argument("--export", type=Path, default=None, help="component folder (default: RUN/export)")
+    parser.add_argument(
+        "--checkpoint", type=Path, default=None, help="evaluate this checkpoint folder's EMA weights instead"
+    )
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
     args = parser.parse_args(argv)
     try:
-        metrics = evaluate_run(args.run, args.overrides, args.export)
+        metrics = evaluate_run(args.run, args.overrides, args.export, args.checkpoint)
     except UnclipError as err:
         exit_with_error(err, debug=args.debug)
     report = json.dumps({"run": str(args.run), "overrides": args.overrides, "eval": metrics}, indent=2)

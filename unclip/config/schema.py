@@ -170,11 +170,11 @@ class DecoderStageConfig(StageConfig):
     image_size: int = 64
     model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
     schedule: str = "cosine"
-    schedule_shift: float = 1.0
+    schedule_shift: float = 4.0
     num_timesteps: int = 1000
-    prediction: str = "v"  # eps | x0 | v
+    prediction: str = "x0"  # eps | x0 | v
     variance: str = "learned"  # learned | fixed_small | fixed_large
-    loss_weighting: str = "min_snr"  # none | min_snr
+    loss_weighting: str = "none"  # none | min_snr
     image_embedding_drop: float = 0.1
     caption_drop: float = 0.5
     sampling: DecoderSamplingConfig = field(default_factory=DecoderSamplingConfig)

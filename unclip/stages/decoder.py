@@ -9,12 +9,34 @@ encodes. Evaluation decodes the true embeddings of held-out images (:mod:`unclip
 writes the decoder's component folder, which records the CLIP fingerprint so it is never paired with another
 CLIP.
 
-Defaults that differ from the paper's, by a smoke measurement on ``shapes`` (tiny preset, 64 px, 300 steps of
-32, tiny_convnet CLIP, one seed): with eps prediction (unCLIP Table 3) every sample was still pure noise,
-because x_0 = (x_t - sqrt(1 - alpha_bar) eps) / sqrt(alpha_bar) magnifies eps errors at high noise; v
-prediction with min-SNR weighting already drew the right background (95-100 %) and a blob of roughly the right
-colour (CLIP cosine to the source 0.27 against 0.00 for shuffled pairs). Learned variance is kept (hybrid
-loss) but DDIM, which ignores it, sampled cleaner than ancestral sampling at that stage.
+Defaults that differ from the paper's (eps prediction, no shift), chosen by measurement on ``shapes`` (tiny
+preset, 64 px, batch 32, lr 1e-3, tiny_convnet CLIP of the CLIP recipe; two runs side by side on one core
+each; evaluation on 50 held-out images of seen pairs, guided DDIM 25 at scale 3):
+
+    prediction / weighting   shift  steps  colour  position  CLIP cosine  samples
+    v / min-SNR              1      700    0.44    0.08      0.16         blobs under heavy pixel noise
+    v / min-SNR              2      700    0.56    0.14      0.17         blobs under heavy pixel noise
+    v / none                 2      420    0.68    0.10      0.25         blobs under pixel noise
+    x0 / none                1      420    0.10    0.02      0.16         flat backgrounds, few objects
+    x0 / none                2      420    0.26    0.04      0.44         clean; objects often missing
+    x0 / none (default)      4      420    0.46    0.14      0.57         clean blobs in the right places
+
+Through the 4 x 4 stem the network predicts 16 pixels per output position: a clean, flat x0 is easy to draw
+there, per-pixel noise (what eps and, at low noise, v must predict) is not, and min-SNR weighting all but
+removes the low-noise steps that would teach it. The recipe (``experiment=shapes_decoder``, 1300 steps, 21 min
+of training on 2 cores) then gives, on 100 held-out images per split, with captions (without: within 0.05):
+
+    minutes  seen pairs: colour shape position cosine   held-out pairs: colour shape position cosine
+    5.2      0.41  0.17  0.11  0.55                     0.36  0.22  0.12  0.54
+    10.5     0.75  0.26  0.38  0.76                     0.86  0.29  0.29  0.78
+    16.0     0.88  0.25  0.55  0.79                     0.91  0.30  0.50  0.82
+    21.0     0.77  0.24  0.56  0.78                     0.87  0.27  0.56  0.80
+
+(shuffled-pairs CLIP cosine 0.00 on seen and 0.07 on held-out pairs.) Colour, size and position are learnt
+from the CLIP embedding; shape is not: every object is drawn as a round blob, and the caption, which names the
+shape, is ignored -- the denoising error is the same with the caption dropped. The CLIP embedding itself holds
+little shape (an MLP probe trained on the training split's embeddings reads shape at 0.84 on seen and 0.23 on
+held-out pairs).
 """
 
 from __future__ import annotations

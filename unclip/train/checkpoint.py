@@ -171,3 +171,21 @@ def load_checkpoint(
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
     return TrainingState(step=int(meta["step"]), ema_updates=int(meta["ema_updates"]))
+
+
+def load_ema_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:
+    """Put a checkpoint's EMA weights into ``model`` (built for the same run), as the trainer evaluates and
+    exports them: the checkpoint's weights, with the EMA shadow over every floating-point tensor."""
+    from unclip.train.ema import EMA
+
+    path = Path(path)
+    if not (path / "state.json").is_file():
+        raise CheckpointError(f"{path} is not a complete checkpoint folder (no state.json)")
+    load_state_strict(model, path / "model.safetensors")
+    ema = EMA(model, decay=0.0)
+    try:
+        ema.load_state_dict(load_tensors(path / "ema.safetensors"), num_updates=0)
+    except KeyError as err:
+        raise CheckpointError(f"{path / 'ema.safetensors'} does not fit this model: {err}") from err
+    ema.copy_to(model)
+    return model
