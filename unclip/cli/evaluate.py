@@ -62,11 +62,10 @@ def evaluate_run(
     if export is not None and checkpoint is not None:
         raise ConfigError("give --export or --checkpoint, not both")
     cfg = compose_run_config(run, overrides)
-    folder = export or run / "export"
     stage = build_stage(cfg)
     stage.prepare_data()
     if checkpoint is None:
-        model = stage.load_export(folder)
+        model = stage.load_export(export or run / "export")
     else:
         model = load_ema_weights(checkpoint, stage.build_model())
     accelerator = Accelerator(cpu=bool(cfg.trainer.cpu))
