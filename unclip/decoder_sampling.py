@@ -28,26 +28,23 @@ import torch
 from torch import Tensor, nn
 
 from unclip.diffusion import (
-    GaussianDiffusion,
     check_sampler_settings,
     classifier_free_guidance,
     ddim_invert,
-    make_schedule,
     sample,
     sample_ddim,
     space_timesteps,
     static_clip,
 )
-from unclip.diffusion.gaussian import ModelFn
+from unclip.diffusion.gaussian import ModelFn, diffusion_from_options
 from unclip.errors import CheckpointError, ConfigError
-from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
+from unclip.io import load_state_strict, plain_lists, read_component_config, save_tensors, write_yaml
 from unclip.models.decoder import Decoder, DecoderConfig, cat_conditions, decoder_paper, decoder_tiny
 from unclip.models.text_encoder import TextEncoderConfig
 from unclip.models.unet import UNetConfig
 
 COMPONENT_KIND = "decoder"
 PRESETS = {"tiny": decoder_tiny, "paper": decoder_paper}
-DIFFUSION_KEYS = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
 
 
 def decoder_config(
@@ -91,17 +88,6 @@ def check_sampling(options: Mapping[str, Any], num_timesteps: int) -> dict[str, 
     return check_sampler_settings(dict(options), "decoder", num_timesteps)
 
 
-def _check_diffusion(options: Mapping[str, Any]) -> dict[str, Any]:
-    options = dict(options)
-    unknown = sorted(set(options) ^ set(DIFFUSION_KEYS))
-    if unknown:
-        raise ConfigError(
-            f"decoder diffusion keys {unknown} are missing or unknown; expected {DIFFUSION_KEYS}"
-        )
-    options["schedule_shift"] = float(options["schedule_shift"])
-    return options
-
-
 class DiffusionDecoder(nn.Module):
     """unCLIP's decoder (§2.1) with its diffusion, image size and default sampling settings.
 
@@ -118,7 +104,7 @@ class DiffusionDecoder(nn.Module):
         sampling: Mapping[str, Any],
     ) -> None:
         super().__init__()
-        self.diffusion_options = _check_diffusion(diffusion)
+        self.diffusion_options, self.diffusion = diffusion_from_options(diffusion, "decoder")
         d = self.diffusion_options
         if config.unet.learn_sigma != (d["variance"] == "learned"):
             raise ConfigError(
@@ -132,8 +118,6 @@ class DiffusionDecoder(nn.Module):
         self.config = config
         self.image_size = image_size
         self.net = Decoder(config)
-        schedule = make_schedule(d["schedule"], int(d["num_timesteps"]), d["schedule_shift"])
-        self.diffusion = GaussianDiffusion(schedule, d["prediction"], d["variance"], d["loss_weighting"])
         self.sampling = check_sampling(sampling, self.diffusion.num_timesteps)
 
     def forward(
@@ -190,7 +174,7 @@ class DiffusionDecoder(nn.Module):
             {
                 "kind": COMPONENT_KIND,
                 "clip_fingerprint": clip_fingerprint,
-                "model": _plain(dataclasses.asdict(self.config)),
+                "model": plain_lists(dataclasses.asdict(self.config)),
                 "image_size": self.image_size,
                 "diffusion": self.diffusion_options,
                 "sampling": self.sampling,
@@ -215,15 +199,6 @@ class DiffusionDecoder(nn.Module):
             raise CheckpointError(f"{path} is not a valid decoder config: {err}") from err
         load_state_strict(decoder, Path(folder) / "model.safetensors")
         return decoder.eval()
-
-
-def _plain(value: Any) -> Any:
-    """Tuples to lists, so the YAML stays plain."""
-    if isinstance(value, dict):
-        return {k: _plain(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_plain(v) for v in value]
-    return value
 
 
 def _device(decoder: DiffusionDecoder) -> torch.device:

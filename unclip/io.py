@@ -52,6 +52,15 @@ def write_text(path: str | Path, text: str) -> None:
     atomic_write(path, lambda tmp: tmp.write_text(text))
 
 
+def plain_lists(value: Any) -> Any:
+    """Tuples to lists, recursively, so that YAML written from dataclasses stays plain."""
+    if isinstance(value, dict):
+        return {k: plain_lists(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [plain_lists(v) for v in value]
+    return value
+
+
 def write_yaml(path: str | Path, data: Mapping[str, Any]) -> None:
     """Atomically write a plain (JSON-like) mapping as YAML."""
     write_text(path, yaml.safe_dump(dict(data), sort_keys=False))
@@ -79,7 +88,8 @@ def read_component_config(
     path = Path(folder) / "config.yaml"
     config = read_yaml(path)
     if config.get("kind") != kind:
-        raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not a {label}")
+        article = "an" if label[:1] in "aeiou" else "a"
+        raise CheckpointError(f"{path} describes a {config.get('kind')!r}, not {article} {label}")
     if clip_fingerprint is not None and config.get("clip_fingerprint") != clip_fingerprint:
         raise CheckpointError(
             f"{path} was trained against CLIP {config.get('clip_fingerprint')!r}, but the CLIP in use is "

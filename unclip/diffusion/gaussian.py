@@ -8,12 +8,13 @@ upsamplers on images (B, C, H, W). ``t`` may be a LongTensor of shape (B,) (trai
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from torch import Tensor
 
-from unclip.diffusion.schedule import NoiseSchedule
+from unclip.diffusion.schedule import NoiseSchedule, make_schedule
 from unclip.errors import ConfigError
 
 PREDICTIONS = ("eps", "x0", "v")
@@ -21,6 +22,9 @@ VARIANCES = ("fixed_small", "fixed_large", "learned")
 LOSS_WEIGHTINGS = ("none", "min_snr")
 # lambda of the hybrid objective L_simple + lambda * L_vlb (Nichol & Dhariwal 2021, §3.1).
 HYBRID_VB_WEIGHT = 1e-3
+
+# What a component exports about its diffusion (see :func:`diffusion_from_options`).
+DIFFUSION_KEYS = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
 
 ModelFn = Callable[[Tensor, Tensor], Tensor]
 Timestep = Tensor | int
@@ -257,3 +261,22 @@ class GaussianDiffusion:
         kl = mean_flat(normal_kl(true_mean, true_log_var, model_mean, model_log_var)) / math.log(2.0)
         nll = -mean_flat(discretized_gaussian_log_likelihood(x0, model_mean, model_log_var)) / math.log(2.0)
         return torch.where(t == 0, nll, kl)
+
+
+def diffusion_from_options(
+    options: Mapping[str, Any], owner: str
+) -> tuple[dict[str, Any], GaussianDiffusion]:
+    """Check an image component's exported diffusion settings (exactly :data:`DIFFUSION_KEYS`) and build its
+    :class:`GaussianDiffusion`; returns the settings as a plain dict too. Errors name ``owner``."""
+    options = dict(options)
+    unknown = sorted(set(options) ^ set(DIFFUSION_KEYS))
+    if unknown:
+        raise ConfigError(
+            f"{owner} diffusion keys {unknown} are missing or unknown; expected {DIFFUSION_KEYS}"
+        )
+    options["schedule_shift"] = float(options["schedule_shift"])
+    schedule = make_schedule(options["schedule"], int(options["num_timesteps"]), options["schedule_shift"])
+    diffusion = GaussianDiffusion(
+        schedule, options["prediction"], options["variance"], options["loss_weighting"]
+    )
+    return options, diffusion
