@@ -183,6 +183,68 @@ class DecoderStageConfig(StageConfig):
     eval_without_caption: bool = True
 
 
+@dataclass
+class UpsamplerUNetOverrides:
+    """Fields of an upsampler's U-Net (:class:`unclip.models.unet.UNetConfig`); null keeps the preset's.
+    Upsamplers are convolution-only: no attention, no context."""
+
+    model_channels: int | None = None
+    channel_mult: list[int] | None = None
+    num_res_blocks: int | None = None
+    dropout: float | None = None
+    stem_factor: int | None = None
+    num_groups: int | None = None
+    use_checkpoint: bool | None = None
+
+
+@dataclass
+class UpsamplerModelConfig:
+    """An upsampler: a preset of :mod:`unclip.models.upsampler` (``sr256_tiny`` | ``sr256_paper`` |
+    ``sr1024_tiny`` | ``sr1024_paper``) and field overrides."""
+
+    preset: str = "sr256_tiny"
+    unet: UpsamplerUNetOverrides = field(default_factory=UpsamplerUNetOverrides)
+
+
+@dataclass
+class UpsamplerSamplingConfig:
+    """How an upsampler samples: sampler, steps, DDIM eta, the fixed noise-augmentation level of the
+    condition, and tiling (``tile_size`` 0: the whole image at once)."""
+
+    sampler: str = "ddim"
+    steps: str = "27"
+    eta: float = 0.0
+    aug_level: float = 0.0
+    tile_size: int = 0
+    tile_overlap: int = 32
+
+
+@dataclass
+class UpsamplerStageConfig(StageConfig):
+    """A diffusion upsampler (unCLIP §2.1, App. C): low-res image -> ``scale`` x larger image, trained on
+    random crops of ``crop_fraction`` of the side."""
+
+    name: str = "sr256"
+    image_size: int = 256
+    low_res_size: int = 64
+    crop_fraction: float = 0.25
+    model: UpsamplerModelConfig = field(default_factory=UpsamplerModelConfig)
+    schedule: str = "cosine"
+    schedule_shift: float = 1.0
+    num_timesteps: int = 1000
+    prediction: str = "x0"  # eps | x0 | v
+    residual: bool = True  # x0 is predicted as the resized low-res image plus the network's output
+    variance: str = "fixed_small"  # learned | fixed_small | fixed_large
+    loss_weighting: str = "none"  # none | min_snr
+    degradation: str = "blur"  # none | blur | bsr: corruption of the condition in training
+    degradation_probability: float = 0.5
+    blur_sigma: list[float] = field(default_factory=lambda: [0.4, 0.6])
+    noise_aug_max: float = 0.0  # > 0: noise-augment the condition to a level in [0, this] (the model is told)
+    sampling: UpsamplerSamplingConfig = field(default_factory=UpsamplerSamplingConfig)
+    eval_images: int = 16  # held-out images upsampled per eval split
+    eval_batch_size: int = 8
+
+
 # --------------------------------------------------------------------------------------------------- training
 
 
@@ -287,6 +349,8 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "clip": ClipStageConfig,
     "prior": PriorStageConfig,
     "decoder": DecoderStageConfig,
+    "sr256": UpsamplerStageConfig,
+    "sr1024": UpsamplerStageConfig,
 }
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
 

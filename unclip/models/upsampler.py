@@ -1,9 +1,9 @@
 """unCLIP's diffusion upsamplers, 64 -> 256 and 256 -> 1024 (Ramesh et al. 2022 §2.1 and App. C).
 
 Conditioning by concatenation, as in ADM's super-resolution model and cascaded diffusion (Saharia et al.
-2021, Ho et al. 2021): the low-resolution image is resized bilinearly to the target size (bilinear rather
-than bicubic so the conditioning never overshoots the [-1, 1] pixel range at sharp edges) and stacked
-with the noisy image as extra input channels. No caption and no attention -- the paper's upsamplers use
+2021, Ho et al. 2021): the low-resolution image is resized bicubically to the target size, clamped to the
+[-1, 1] pixel range that bicubic overshoots at sharp edges (:func:`resize_condition`), and stacked with the
+noisy image as extra input channels. No caption and no attention -- the paper's upsamplers use
 "only spatial convolutions (i.e., no attention layers)" and are trained on random crops a quarter of the
 image side, then run at full size, which only a convolutional network allows.
 
@@ -11,6 +11,11 @@ Optional noise augmentation of the low-resolution input (Ho et al. 2021 §4.2; u
 conditioning image): the caller corrupts ``low_res`` and passes the level ``aug_level`` in [0, 1]
 (fraction of the augmentation schedule), embedded like a timestep (of ``1000 * aug_level``) and added
 to the timestep embedding.
+
+Optional residual output (``residual``): the network's (mean) output is added to the resized low-res image,
+so an untrained model already returns the (clamped) bicubic upsampling and training only learns the detail it
+misses -- residual learning for super-resolution (Kim et al. 2016, VDSR; SRDiff, Li et al. 2022, diffuses
+the residual itself). It is meant for x0 prediction, where the output is an image.
 """
 
 from __future__ import annotations
@@ -23,6 +28,14 @@ from torch import Tensor, nn
 
 from unclip.errors import ConfigError
 from unclip.models.unet import UNet, UNetConfig, timestep_embedding
+
+
+def resize_condition(low_res: Tensor, size: tuple[int, int]) -> Tensor:
+    """The low-res image (in [-1, 1]) resized bicubically to ``size`` and clamped to [-1, 1]; a no-op when it
+    already has that size (tiled sampling resizes once, then slices)."""
+    if tuple(low_res.shape[-2:]) == tuple(size):
+        return low_res
+    return F.interpolate(low_res, size=size, mode="bicubic", align_corners=False).clamp(-1, 1)
 
 
 def _tiny_unet(stem_factor: int = 2) -> UNetConfig:
@@ -44,6 +57,7 @@ class UpsamplerConfig:
 
     unet: UNetConfig = field(default_factory=_tiny_unet)
     noise_aug: bool = True
+    residual: bool = False
 
     def __post_init__(self) -> None:
         u = self.unet
@@ -108,9 +122,13 @@ class Upsampler(nn.Module):
         if (aug_level is None) == (self.aug_embed is not None):
             need = "requires" if self.aug_embed is not None else "was built without noise_aug and takes no"
             raise ValueError(f"this upsampler {need} aug_level")
-        cond = F.interpolate(low_res, size=x_t.shape[-2:], mode="bilinear", align_corners=False)
+        cond = resize_condition(low_res, x_t.shape[-2:])
         emb = None
         if self.aug_embed is not None:
             level = timestep_embedding(1000.0 * aug_level, self.config.unet.model_channels)
             emb = self.aug_embed(level.to(self.aug_embed[0].weight.dtype))
-        return self.unet(torch.cat([x_t, cond], dim=1), t, emb=emb)
+        out = self.unet(torch.cat([x_t, cond], dim=1), t, emb=emb)
+        if self.config.residual:
+            c = cond.shape[1]
+            out = torch.cat([out[:, :c] + cond.to(out.dtype), out[:, c:]], dim=1)
+        return out

@@ -13,6 +13,8 @@ _STAGES = {
     "clip": "unclip.stages.clip:ClipStage",
     "prior": "unclip.stages.prior:PriorStage",
     "decoder": "unclip.stages.decoder:DecoderStage",
+    "sr256": "unclip.stages.upsampler:UpsamplerStage",
+    "sr1024": "unclip.stages.upsampler:UpsamplerStage",
 }
 
 

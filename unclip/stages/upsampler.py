@@ -1,0 +1,249 @@
+"""The upsampler stages ``sr256`` and ``sr1024`` (unCLIP §2.1 and App. C): learn p(x_high | x_low).
+
+One stage class serves both; the config says the sizes (``low_res_size`` -> ``image_size``). ``prepare_data``
+loads the training split at the high resolution and the evaluation splits at both (for ``shapes``: the same
+specs rendered at both sizes, so the low-res input of evaluation is a true render, not a downsample). Each
+training step takes, per image, a random square crop of ``crop_fraction`` of the side (the paper's 0.25:
+64 px crops of 256 px images, 256 px crops of 1024 px images) aligned to the low-res pixel grid, makes the
+condition by box-downsampling that very crop, corrupts the condition (blur or BSR, :mod:`unclip.data.degrade`)
+for a ``degradation_probability`` fraction of the batch, and takes the diffusion loss of
+:class:`unclip.upsampler_sampling.DiffusionUpsampler`. Crops and corruptions draw from the torch generator
+whose state the trainer checkpoints, so a resumed run continues identically.
+
+Evaluation upsamples held-out low-res images at full size (:mod:`unclip.eval.upsampler_eval`: PSNR against the
+true high-res image, against bicubic, and the output's consistency with its input); export writes the
+upsampler's component folder.
+
+Choices measured on ``shapes`` (tiny presets, batch 32 of 64 px crops for sr256 and 8 of 256 px crops for
+sr1024, lr 1e-3; screening runs on one core each, two side by side; 16 held-out images per split for
+sr256 and 4 for sr1024; PSNR gain over bicubic on seen / held-out pairs):
+
+    stage   x0 output                          steps  gain (dB)       consistency (dB)
+    sr256   plain                              300    -5.8 / -6.9     31.5 / 31.6
+    sr256   residual on bilinear               300    +1.8 / +0.4     42.8 / 43.6
+    sr256   residual on bilinear, full-res     300    +0.7 / -0.5     41.1 / 41.5   (22 % slower; dropped)
+            head (16 ch) after the 2x2 stem
+    sr256   residual on bilinear               500    +2.7 / +1.4     44.0 / 45.2
+    sr1024  residual on bilinear               200    -1.0 / -1.1     43.1 / 50.2
+    sr1024  residual on bilinear, min-SNR      300    -1.0 / -1.0     43.1 / 50.9
+
+Predicting x0 as a residual over the resized condition is what makes the tiny models useful: flat regions
+come for free and training only has to add the edges. After these runs the residual's base became the
+clamped bicubic resize (an untrained model then equals bicubic instead of the softer bilinear). With it, on
+2 cores: ``experiment=shapes_sr256`` (500 steps, 3 min 51 s) gains +2.96 / +1.80 dB with consistency 45.6 /
+46.1 dB; ``experiment=shapes_sr1024`` (500 steps, about 5 min 10 s) only +0.18 / -0.29 dB. Variants of
+sr1024 (one core each, 300 steps, bicubic base): degradation_probability 0.1 +0.24 / +0.20; 32/64/64
+channels +0.12 / +0.12 and 48/48/48 channels +0.23 / -0.30, both 2.6 x slower; a 2 x 2 stem ran 2.8 x
+slower and was stopped. The 500-step checkpoint samples identically with 15 and 50 DDIM steps: its x0
+prediction depends on the condition, not on x_t, so the tiny sr1024 is in effect a regression that has
+not yet learnt to sharpen 4 x 4-pixel edges.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import datasets
+import numpy as np
+import torch
+from omegaconf import DictConfig, OmegaConf
+from torch.utils.data import Dataset, default_collate
+
+from unclip.data.degrade import DEGRADATIONS, degrade
+from unclip.data.sources import load_split, split_names
+from unclip.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTIONS, VARIANCES
+from unclip.diffusion.schedule import SCHEDULES, make_schedule
+from unclip.errors import ConfigError
+from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
+from unclip.models.upsampler import UpsamplerConfig
+from unclip.stages.base import Stage
+from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsampler_config
+
+
+class Pictures(Dataset):
+    """The ``image`` column of a split as uint8 (B, S, S, 3) pixels, decoded a batch at a time."""
+
+    def __init__(self, images: datasets.Dataset) -> None:
+        self.images = images.select_columns(["image"])
+
+    def __len__(self) -> int:
+        return len(self.images)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.__getitems__([index])[0]
+
+    def __getitems__(self, indices: list[int]) -> torch.Tensor:
+        pictures = self.images[indices]["image"]
+        return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.uint8) for p in pictures]))
+
+
+def _diffusion(stage: DictConfig) -> dict[str, Any]:
+    keys = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
+    return {k: stage[k] for k in keys}
+
+
+def _config(stage: DictConfig) -> UpsamplerConfig:
+    overrides = {k: v for k, v in OmegaConf.to_container(stage.model.unet).items() if v is not None}
+    overrides["learn_sigma"] = stage.variance == "learned"
+    return upsampler_config(
+        stage.model.preset, noise_aug=stage.noise_aug_max > 0, residual=stage.residual, unet=overrides
+    )
+
+
+def _scale(stage: DictConfig) -> int:
+    return stage.image_size // stage.low_res_size
+
+
+def crop_size(stage: DictConfig) -> int:
+    """Side of the training crops: ``crop_fraction`` of ``image_size``, rounded down to a multiple of the
+    U-Net's size multiple and of the upsampling factor (so the crop maps onto whole low-res pixels)."""
+    multiple = int(np.lcm(_config(stage).unet.size_multiple, _scale(stage)))
+    return max(multiple, int(stage.image_size * stage.crop_fraction) // multiple * multiple)
+
+
+def _check(stage: DictConfig) -> None:
+    """Everything about ``stage`` that can be checked before any data is loaded; errors name the key."""
+    if (
+        stage.low_res_size < 1
+        or stage.image_size <= stage.low_res_size
+        or stage.image_size % stage.low_res_size
+    ):
+        raise ConfigError(
+            f"stage.image_size={stage.image_size} must be a whole multiple (at least 2) of "
+            f"stage.low_res_size={stage.low_res_size}"
+        )
+    if not 0.0 < stage.crop_fraction <= 1.0:
+        raise ConfigError(f"stage.crop_fraction={stage.crop_fraction} must be in (0, 1]")
+    for key, options in (
+        ("schedule", SCHEDULES),
+        ("prediction", PREDICTIONS),
+        ("variance", VARIANCES),
+        ("loss_weighting", LOSS_WEIGHTINGS),
+        ("degradation", DEGRADATIONS),
+    ):
+        if stage[key] not in options:
+            raise ConfigError(f"stage.{key}={stage[key]!r} must be one of {options}")
+    if not 0.0 <= stage.degradation_probability <= 1.0:
+        raise ConfigError(f"stage.degradation_probability={stage.degradation_probability} must be in [0, 1]")
+    low, high = (float(v) for v in stage.blur_sigma) if len(stage.blur_sigma) == 2 else (-1.0, -1.0)
+    if not 0.0 <= low <= high:
+        raise ConfigError(
+            f"stage.blur_sigma={list(stage.blur_sigma)} must be [low, high] with 0 <= low <= high"
+        )
+    if not 0.0 <= stage.noise_aug_max < 1.0:
+        raise ConfigError(f"stage.noise_aug_max={stage.noise_aug_max} must be in [0, 1)")
+    if stage.sampling.aug_level and not stage.noise_aug_max:
+        raise ConfigError(
+            f"stage.sampling.aug_level={stage.sampling.aug_level} needs a noise-augmented model "
+            "(stage.noise_aug_max > 0)"
+        )
+    if stage.eval_images < 1 or stage.eval_batch_size < 1:
+        raise ConfigError(
+            f"stage.eval_images={stage.eval_images} and "
+            f"stage.eval_batch_size={stage.eval_batch_size} must be >= 1"
+        )
+    if not stage.schedule_shift > 0 or stage.num_timesteps < 2:
+        raise ConfigError(
+            f"stage.schedule_shift={stage.schedule_shift} must be positive and "
+            f"stage.num_timesteps={stage.num_timesteps} at least 2"
+        )
+    make_schedule(stage.schedule, stage.num_timesteps, stage.schedule_shift)
+    multiple = _config(stage).unet.size_multiple
+    if stage.image_size % multiple:
+        raise ConfigError(
+            f"stage.image_size={stage.image_size} must be a multiple of {multiple} (the U-Net's)"
+        )
+    sampling = check_sampling(OmegaConf.to_container(stage.sampling), stage.num_timesteps)
+    if sampling["tile_size"] and (sampling["tile_size"] % multiple or sampling["tile_overlap"] % multiple):
+        raise ConfigError(
+            f"stage.sampling.tile_size={sampling['tile_size']} and tile_overlap={sampling['tile_overlap']} "
+            f"must be multiples of {multiple} (the U-Net's size multiple)"
+        )
+
+
+def random_crops(
+    images: torch.Tensor, size: int, grid: int, generator: torch.Generator | None = None
+) -> torch.Tensor:
+    """One random ``size`` x ``size`` crop of each (B, C, H, W) image, at offsets that are multiples of
+    ``grid`` (so the crop's box-downsample is exactly a crop of the image's)."""
+    b, _, h, w = images.shape
+    rows = torch.randint(0, (h - size) // grid + 1, (b,), generator=generator) * grid
+    cols = torch.randint(0, (w - size) // grid + 1, (b,), generator=generator) * grid
+    return torch.stack([image[:, r : r + size, c : c + size] for image, r, c in zip(images, rows, cols)])
+
+
+class UpsamplerStage(Stage):
+    """Train a diffusion upsampler (``stage=sr256`` or ``stage=sr1024``) on crops of the configured data."""
+
+    def __init__(self, cfg: DictConfig) -> None:
+        super().__init__(cfg)
+        _check(cfg.stage)
+        self.name = str(cfg.stage.name)
+        self.crop = crop_size(cfg.stage)
+
+    def prepare_data(self) -> None:
+        data, stage = self.cfg.data, self.cfg.stage
+        names = split_names(data)
+        self.images = {name: load_split(data, name, int(stage.image_size)) for name in names}
+        self.low_res = {name: load_split(data, name, int(stage.low_res_size)) for name in names[1:]}
+        if min(self.images["train"][0]["image"].size) < self.crop:
+            raise ConfigError(f"training images are smaller than the {self.crop} px crops")
+
+    def build_model(self) -> torch.nn.Module:
+        stage = self.cfg.stage
+        return DiffusionUpsampler(
+            _config(stage), _scale(stage), _diffusion(stage), OmegaConf.to_container(stage.sampling)
+        )
+
+    def train_dataset(self) -> Dataset:
+        return Pictures(self.images["train"])
+
+    def collate(self, items: Any) -> torch.Tensor:
+        # Pictures.__getitems__ already returns a batch; single items are stacked as usual
+        return items if isinstance(items, torch.Tensor) else default_collate(items)
+
+    def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
+        stage = self.cfg.stage
+        scale = _scale(stage)
+        images = random_crops(batch.permute(0, 3, 1, 2), self.crop, scale).float() / 127.5 - 1.0
+        condition = degrade(
+            box_downsample(images, scale),
+            stage.degradation,
+            blur_sigma=tuple(stage.blur_sigma),
+            probability=stage.degradation_probability,
+        )
+        terms = model(images, condition, aug_max=float(stage.noise_aug_max))
+        return terms["loss"].mean(), {"mse": terms["mse"].mean().detach()}
+
+    @torch.no_grad()
+    def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
+        stage = self.cfg.stage
+        metrics: dict[str, float] = {}
+        for split in split_names(self.cfg.data)[1:]:
+            count = min(stage.eval_images, len(self.low_res[split]))
+            lows = [np.asarray(self.low_res[split][i]["image"].convert("RGB")) for i in range(count)]
+            highs = [np.asarray(self.images[split][i]["image"].convert("RGB")) for i in range(count)]
+            found = evaluate_upsampler(
+                model,
+                lows,
+                highs,
+                batch_size=int(stage.eval_batch_size),
+                generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+            )
+            metrics.update({f"{split}/{key}": value for key, value in found.items()})
+        return metrics
+
+    def export(self, model: torch.nn.Module, folder: Path) -> None:
+        model.save(folder)
+
+    def load_export(self, folder: Path) -> torch.nn.Module:
+        model = DiffusionUpsampler.load(folder)
+        if model.scale != _scale(self.cfg.stage):
+            raise ConfigError(
+                f"{folder} upsamples {model.scale}x, but stage {self.name} is {_scale(self.cfg.stage)}x"
+            )
+        model.sampling = check_sampling(
+            OmegaConf.to_container(self.cfg.stage.sampling), model.diffusion.num_timesteps
+        )
+        return model
