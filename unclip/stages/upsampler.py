@@ -35,7 +35,8 @@ clamped bicubic resize (an untrained model then equals bicubic instead of the so
 46.1 dB; ``experiment=shapes_sr1024`` (500 steps, about 5 min 10 s) +0.18 / -0.29 dB, no better than its
 untrained start. Variants of sr1024 (one core each, 300 steps, bicubic base): degradation_probability 0.1
 +0.24 / +0.20; 32/64/64 channels +0.12 / +0.12 and 48/48/48 channels +0.23 / -0.30, both 2.6 x slower; a
-2 x 2 stem with 8/16/32 channels +0.18 / -0.28, 1.5 x slower. The 500-step checkpoint samples identically
+2 x 2 stem with 8/16/32 channels +0.18 / -0.28, 1.5 x slower; no degradation and a cosine schedule (200
+steps) +0.28 / +0.19. The 500-step checkpoint samples identically
 with 15 and 50 DDIM steps (its x0 prediction follows the condition, not x_t). Why sr1024 learns nothing in
 this budget while the same network learns sr256 is not yet known.
 """
