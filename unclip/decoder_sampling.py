@@ -31,10 +31,9 @@ from unclip.diffusion import (
     check_sampler_settings,
     classifier_free_guidance,
     ddim_invert,
-    sample,
     sample_ddim,
+    sample_images,
     space_timesteps,
-    static_clip,
 )
 from unclip.diffusion.gaussian import ModelFn, diffusion_from_options
 from unclip.errors import CheckpointError, ConfigError
@@ -254,30 +253,21 @@ def sample_decoder(
         options = check_sampling({**decoder.sampling, **overrides}, decoder.diffusion.num_timesteps)
     device = _device(decoder)
     model_fn = decoder.guided_model(image_embedding, caption_tokens, options["guidance_scale"])
-    if inverted:
-        x = sample_ddim(
-            decoder.diffusion,
-            model_fn,
-            inverted_noise.to(device, torch.float32),
-            timesteps=inversion_timesteps(decoder.diffusion.num_timesteps, options["steps"]),
-            eta=options["eta"],
-            generator=generator,
-            progress=progress,
-        )
-    else:
+    if not inverted:
         size = decoder.image_size
-        x = sample(
-            decoder.diffusion,
-            model_fn,
-            (len(image_embedding), 3, size, size),
-            sampler=options["sampler"],
-            steps=options["steps"],
-            eta=options["eta"],
-            generator=generator,
-            x0_fn=static_clip(1.0),
-            progress=progress,
-            device=device,
+        shape = (len(image_embedding), 3, size, size)
+        return sample_images(
+            decoder.diffusion, model_fn, shape, options, generator=generator, progress=progress, device=device
         )
+    x = sample_ddim(
+        decoder.diffusion,
+        model_fn,
+        inverted_noise.to(device, torch.float32),
+        timesteps=inversion_timesteps(decoder.diffusion.num_timesteps, options["steps"]),
+        eta=options["eta"],
+        generator=generator,
+        progress=progress,
+    )
     return ((x + 1) / 2).clamp(0, 1)
 
 

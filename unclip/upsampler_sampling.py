@@ -25,7 +25,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from unclip.diffusion import check_sampler_settings, sample, static_clip
+from unclip.diffusion import check_sampler_settings, sample_images
 from unclip.diffusion.gaussian import GaussianDiffusion, diffusion_from_options
 from unclip.diffusion.tiling import tiled
 from unclip.errors import CheckpointError, ConfigError
@@ -72,10 +72,7 @@ def check_sampling(options: Mapping[str, Any], num_timesteps: int) -> dict[str, 
     options = dict(options)
     if "guidance_scale" in options:
         raise ConfigError("upsampler sampling takes no guidance_scale: the upsamplers are unguided")
-    options = check_sampler_settings(
-        {**options, "guidance_scale": 1.0}, "upsampler", num_timesteps, EXTRA_SAMPLING_KEYS
-    )
-    del options["guidance_scale"]
+    options = check_sampler_settings(options, "upsampler", num_timesteps, EXTRA_SAMPLING_KEYS, guided=False)
     if not 0.0 <= options["aug_level"] < 1.0:
         raise ConfigError(f"sampling.aug_level={options['aug_level']} must be in [0, 1)")
     if options["tile_size"] < 0 or options["tile_overlap"] < 0:
@@ -232,16 +229,12 @@ def upsample(
         model_fn = tiled(on_region, options["tile_size"], options["tile_overlap"], m)
     else:
         model_fn = lambda x, t: on_region(x, t, (slice(None), slice(None)))  # noqa: E731
-    x = sample(
+    return sample_images(
         upsampler.diffusion,
         model_fn,
         (b, 3, *size),
-        sampler=options["sampler"],
-        steps=options["steps"],
-        eta=options["eta"],
+        options,
         generator=generator,
-        x0_fn=static_clip(1.0),
         progress=progress,
         device=device,
     )
-    return ((x + 1) / 2).clamp(0, 1)

@@ -11,6 +11,7 @@ from unclip.diffusion.samplers import (
     sample_ddim,
     sample_ddpm,
     sample_dpmpp_2m,
+    sample_images,
     static_clip,
 )
 from unclip.diffusion.schedule import NoiseSchedule, make_schedule, space_timesteps
@@ -28,6 +29,7 @@ __all__ = [
     "sample_ddim",
     "sample_ddpm",
     "sample_dpmpp_2m",
+    "sample_images",
     "space_timesteps",
     "static_clip",
 ]

@@ -25,13 +25,14 @@ SAMPLER_KEYS = ("sampler", "steps", "eta", "guidance_scale")
 
 
 def check_sampler_settings(
-    options: dict, owner: str, num_timesteps: int, extra_keys: Sequence[str] = ()
+    options: dict, owner: str, num_timesteps: int, extra_keys: Sequence[str] = (), guided: bool = True
 ) -> dict:
-    """Validate the sampler settings every stage shares (sampler, steps, eta, guidance_scale), allowing an
-    ``owner``'s ``extra_keys`` (the caller checks their values). Returns a plain dict: ``steps`` as a spec
-    string, ``eta`` and ``guidance_scale`` as floats. Errors name the key."""
+    """Validate the sampler settings every stage shares (sampler, steps, eta and, when ``guided``,
+    guidance_scale), allowing an ``owner``'s ``extra_keys`` (the caller checks their values). Returns a plain
+    dict: ``steps`` as a spec string, ``eta`` and ``guidance_scale`` as floats. Errors name the key."""
     options = dict(options)
-    expected = (*SAMPLER_KEYS, *extra_keys)
+    shared = SAMPLER_KEYS if guided else tuple(k for k in SAMPLER_KEYS if k != "guidance_scale")
+    expected = (*shared, *extra_keys)
     unknown = sorted(set(options) ^ set(expected))
     if unknown:
         raise ConfigError(f"{owner} sampling keys {unknown} are missing or unknown; expected {expected}")
@@ -39,11 +40,13 @@ def check_sampler_settings(
         raise ConfigError(f"sampling.sampler={options['sampler']!r} must be one of {SAMPLERS}")
     if options["eta"] < 0 or (options["eta"] != 0.0 and options["sampler"] != "ddim"):
         raise ConfigError(f"sampling.eta={options['eta']} must be >= 0 and only applies to the ddim sampler")
-    if options["guidance_scale"] < 0:
-        raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
+    if guided:
+        if options["guidance_scale"] < 0:
+            raise ConfigError(f"sampling.guidance_scale={options['guidance_scale']} must be >= 0")
+        options["guidance_scale"] = float(options["guidance_scale"])
     options["steps"] = str(options["steps"])
     space_timesteps(num_timesteps, options["steps"])  # raises ConfigError naming a bad spec
-    options["eta"], options["guidance_scale"] = float(options["eta"]), float(options["guidance_scale"])
+    options["eta"] = float(options["eta"])
     return options
 
 
@@ -238,6 +241,33 @@ def ddim_invert(
         x = math.sqrt(ab[t]) * x0_hat + math.sqrt(1 - ab[t]) * eps
         a_s = ab[t]
     return x
+
+
+def sample_images(
+    diffusion: GaussianDiffusion,
+    model_fn: ModelFn,
+    shape: Sequence[int],
+    options: dict,
+    *,
+    generator: torch.Generator | None = None,
+    progress: bool = False,
+    device: torch.device | str | None = None,
+) -> Tensor:
+    """Sample images in [-1, 1] with checked sampler settings (``sampler``, ``steps``, ``eta``), every
+    predicted x_0 clipped to [-1, 1] (Ho et al. 2020 §3.3); returns them in [0, 1]."""
+    x = sample(
+        diffusion,
+        model_fn,
+        shape,
+        sampler=options["sampler"],
+        steps=options["steps"],
+        eta=options["eta"],
+        generator=generator,
+        x0_fn=static_clip(1.0),
+        progress=progress,
+        device=device,
+    )
+    return ((x + 1) / 2).clamp(0, 1)
 
 
 def sample(

@@ -18,6 +18,9 @@ import torch
 from omegaconf import DictConfig
 from torch.utils.data import Dataset, default_collate
 
+from unclip.diffusion import make_schedule
+from unclip.diffusion.gaussian import DIFFUSION_KEYS, LOSS_WEIGHTINGS, PREDICTIONS, VARIANCES
+from unclip.diffusion.schedule import SCHEDULES
 from unclip.errors import ConfigError
 
 
@@ -68,3 +71,24 @@ class Stage(ABC):
         """The model :meth:`export` wrote to ``folder``, as :meth:`evaluate` takes it, with the sampling
         settings of the current config."""
         raise ConfigError(f"the {self.name} stage cannot load its export for evaluation")
+
+
+def image_diffusion_settings(stage: DictConfig) -> dict[str, Any]:
+    """The diffusion settings of an image stage (decoder, upsamplers): ``stage``'s values of
+    :data:`unclip.diffusion.gaussian.DIFFUSION_KEYS`, checked before any data or model is built. Errors name
+    the key (``stage.prediction=...``)."""
+    for key, options in (
+        ("schedule", SCHEDULES),
+        ("prediction", PREDICTIONS),
+        ("variance", VARIANCES),
+        ("loss_weighting", LOSS_WEIGHTINGS),
+    ):
+        if stage[key] not in options:
+            raise ConfigError(f"stage.{key}={stage[key]!r} must be one of {options}")
+    if not stage.schedule_shift > 0 or stage.num_timesteps < 2:
+        raise ConfigError(
+            f"stage.schedule_shift={stage.schedule_shift} must be positive and "
+            f"stage.num_timesteps={stage.num_timesteps} at least 2"
+        )
+    make_schedule(stage.schedule, stage.num_timesteps, stage.schedule_shift)
+    return {key: stage[key] for key in DIFFUSION_KEYS}

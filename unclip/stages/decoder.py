@@ -57,13 +57,10 @@ from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
 from unclip.data.sources import cache_root, load_split, split_names
 from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_config
-from unclip.diffusion import make_schedule
-from unclip.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTIONS, VARIANCES
-from unclip.diffusion.schedule import SCHEDULES
 from unclip.errors import ConfigError
 from unclip.eval.decoder_eval import evaluate_decoder
 from unclip.models.decoder import DecoderConfig
-from unclip.stages.base import Stage
+from unclip.stages.base import Stage, image_diffusion_settings
 
 
 class ImagesWithEmbeddings(Dataset):
@@ -98,11 +95,6 @@ def _overrides(node: DictConfig) -> dict[str, Any]:
     return {k: v for k, v in OmegaConf.to_container(node).items() if v is not None}
 
 
-def _diffusion(stage: DictConfig) -> dict[str, Any]:
-    keys = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
-    return {k: stage[k] for k in keys}
-
-
 def _config(stage: DictConfig, clip_embed_dim: int, context_length: int) -> DecoderConfig:
     return decoder_config(
         stage.model.preset,
@@ -124,20 +116,7 @@ def _check(stage: DictConfig) -> None:
             raise ConfigError(f"stage.{key}={stage[key]} must be in [0, 1)")
     if stage.eval_images < 2:
         raise ConfigError(f"stage.eval_images={stage.eval_images} must be at least 2")
-    for key, options in (
-        ("schedule", SCHEDULES),
-        ("prediction", PREDICTIONS),
-        ("variance", VARIANCES),
-        ("loss_weighting", LOSS_WEIGHTINGS),
-    ):
-        if stage[key] not in options:
-            raise ConfigError(f"stage.{key}={stage[key]!r} must be one of {options}")
-    if not stage.schedule_shift > 0 or stage.num_timesteps < 2:
-        raise ConfigError(
-            f"stage.schedule_shift={stage.schedule_shift} must be positive and "
-            f"stage.num_timesteps={stage.num_timesteps} at least 2"
-        )
-    make_schedule(stage.schedule, stage.num_timesteps, stage.schedule_shift)
+    image_diffusion_settings(stage)
     config = _config(stage, clip_embed_dim=8, context_length=8)  # stand-ins: the CLIP is not loaded yet
     if stage.image_size < 1 or stage.image_size % config.unet.size_multiple:
         raise ConfigError(
@@ -168,7 +147,10 @@ class DecoderStage(Stage):
         stage = self.cfg.stage
         config = _config(stage, self.encoder.embed_dim, self.encoder.context_length)
         return DiffusionDecoder(
-            config, int(stage.image_size), _diffusion(stage), OmegaConf.to_container(stage.sampling)
+            config,
+            int(stage.image_size),
+            image_diffusion_settings(stage),
+            OmegaConf.to_container(stage.sampling),
         )
 
     def setup(self, accelerator: Any) -> None:

@@ -54,12 +54,10 @@ from torch.utils.data import Dataset, default_collate
 
 from unclip.data.degrade import DEGRADATIONS, degrade
 from unclip.data.sources import load_split, split_names
-from unclip.diffusion.gaussian import LOSS_WEIGHTINGS, PREDICTIONS, VARIANCES
-from unclip.diffusion.schedule import SCHEDULES, make_schedule
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
 from unclip.models.upsampler import UpsamplerConfig
-from unclip.stages.base import Stage
+from unclip.stages.base import Stage, image_diffusion_settings
 from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsampler_config
 
 
@@ -78,11 +76,6 @@ class Pictures(Dataset):
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
         pictures = self.images[indices]["image"]
         return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.uint8) for p in pictures]))
-
-
-def _diffusion(stage: DictConfig) -> dict[str, Any]:
-    keys = ("schedule", "schedule_shift", "num_timesteps", "prediction", "variance", "loss_weighting")
-    return {k: stage[k] for k in keys}
 
 
 def _config(stage: DictConfig) -> UpsamplerConfig:
@@ -117,15 +110,9 @@ def _check(stage: DictConfig) -> None:
         )
     if not 0.0 < stage.crop_fraction <= 1.0:
         raise ConfigError(f"stage.crop_fraction={stage.crop_fraction} must be in (0, 1]")
-    for key, options in (
-        ("schedule", SCHEDULES),
-        ("prediction", PREDICTIONS),
-        ("variance", VARIANCES),
-        ("loss_weighting", LOSS_WEIGHTINGS),
-        ("degradation", DEGRADATIONS),
-    ):
-        if stage[key] not in options:
-            raise ConfigError(f"stage.{key}={stage[key]!r} must be one of {options}")
+    image_diffusion_settings(stage)
+    if stage.degradation not in DEGRADATIONS:
+        raise ConfigError(f"stage.degradation={stage.degradation!r} must be one of {DEGRADATIONS}")
     if not 0.0 <= stage.degradation_probability <= 1.0:
         raise ConfigError(f"stage.degradation_probability={stage.degradation_probability} must be in [0, 1]")
     low, high = (float(v) for v in stage.blur_sigma) if len(stage.blur_sigma) == 2 else (-1.0, -1.0)
@@ -145,12 +132,6 @@ def _check(stage: DictConfig) -> None:
             f"stage.eval_images={stage.eval_images} and "
             f"stage.eval_batch_size={stage.eval_batch_size} must be >= 1"
         )
-    if not stage.schedule_shift > 0 or stage.num_timesteps < 2:
-        raise ConfigError(
-            f"stage.schedule_shift={stage.schedule_shift} must be positive and "
-            f"stage.num_timesteps={stage.num_timesteps} at least 2"
-        )
-    make_schedule(stage.schedule, stage.num_timesteps, stage.schedule_shift)
     multiple = _config(stage).unet.size_multiple
     if stage.image_size % multiple:
         raise ConfigError(
@@ -195,7 +176,10 @@ class UpsamplerStage(Stage):
     def build_model(self) -> torch.nn.Module:
         stage = self.cfg.stage
         return DiffusionUpsampler(
-            _config(stage), _scale(stage), _diffusion(stage), OmegaConf.to_container(stage.sampling)
+            _config(stage),
+            _scale(stage),
+            image_diffusion_settings(stage),
+            OmegaConf.to_container(stage.sampling),
         )
 
     def train_dataset(self) -> Dataset:
