@@ -219,7 +219,7 @@ def test_pipeline_and_cli_turn_text_into_pngs(trained_run, clip_dirs, tmp_path):
     result = run_sample_cli([*args, "decoder.steps=3", f"out={tmp_path / 'out'}"], tmp_path)
     assert result.returncode == 0, result.stderr
     sidecar = json.loads((tmp_path / "out" / "samples.json").read_text())
-    assert sidecar["decoder"]["steps"] == "3" and [r["file"] for r in sidecar["rows"]] == [
+    assert sidecar["settings"]["decoder"]["steps"] == "3" and [r["file"] for r in sidecar["rows"]] == [
         "0000.png",
         "0001.png",
     ]
@@ -227,14 +227,14 @@ def test_pipeline_and_cli_turn_text_into_pngs(trained_run, clip_dirs, tmp_path):
 
 
 def test_sample_cli_refuses_settings_that_do_not_apply(compose_cfg, tmp_path):
-    from unclip.cli.sample import _text_to_image, _variations
+    from unclip.cli.sample import _generate
 
     cfg = compose_cfg(["pipeline=unused", "prompt=a red star", "invert=true"], config_name="sample")
     with pytest.raises(ConfigError, match="give image="):
-        _text_to_image(cfg, tmp_path)
+        _generate(cfg, tmp_path)
     cfg = compose_cfg(["pipeline=unused", "image=photo.png", "prompts_file=p.txt"], config_name="sample")
     with pytest.raises(ConfigError, match="at most one caption"):
-        _variations(cfg, tmp_path)
+        _generate(cfg, tmp_path)
     cfg = compose_cfg(["pipeline=unused", f"image={tmp_path / 'none.png'}"], config_name="sample")
     with pytest.raises(DataError, match="none.png"):
-        _variations(cfg, tmp_path)
+        _generate(cfg, tmp_path)

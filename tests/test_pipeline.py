@@ -64,7 +64,7 @@ def test_sample_cli_writes_embeddings_and_a_sidecar_that_regenerates_them(compon
     assert first.returncode == 0, first.stderr
     sidecar = json.loads((tmp_path / "a" / "samples.json").read_text())
     assert sidecar["prompts"] == ["a small red star"] and sidecar["seed"] == 7
-    assert sidecar["prior"]["guidance_scale"] == 2.0 and len(sidecar["rows"]) == 3
+    assert sidecar["settings"]["prior"]["guidance_scale"] == 2.0 and len(sidecar["rows"]) == 3
     again = run_sample_cli(
         [
             f"pipeline={folder}",

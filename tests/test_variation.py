@@ -188,7 +188,7 @@ def test_sample_cli_makes_variations_of_an_image_file(models, tmp_path):
     assert result.returncode == 0, result.stderr
     sidecar = json.loads((tmp_path / "v" / "samples.json").read_text())
     assert sidecar["invert"] is True and sidecar["caption"] == "a red circle"
-    assert sidecar["decoder"]["eta"] == 0.5 and len(sidecar["rows"]) == 2
+    assert sidecar["settings"]["decoder"]["eta"] == 0.5 and len(sidecar["rows"]) == 2
     assert load_image(tmp_path / "v" / "0001.png").shape == (3, 16, 16)
 
     (tmp_path / "notes.jpg").write_text("not a picture")

@@ -144,10 +144,16 @@ class DiffusionDecoder(nn.Module):
         return self.diffusion.training_losses(lambda x_t, t_: self.net(x_t, t_, cond), images.float(), t)
 
     def guided_model(
-        self, image_embedding: Tensor, caption_tokens: Tensor | None, guidance_scale: float
+        self,
+        image_embedding: Tensor,
+        caption_tokens: Tensor | None,
+        guidance_scale: float,
+        negative_tokens: Tensor | None = None,
     ) -> ModelFn:
         """``model_fn(x_t, t)`` for the samplers: the conditioning is encoded once here; with a scale other
-        than 1 the conditional and the null (no embedding, no caption) halves run as one batch."""
+        than 1 the conditional and the unconditional halves run as one batch. The unconditional half drops
+        the CLIP embedding and the caption or, given ``negative_tokens`` (B, L), replaces the caption with
+        that negative one, so guidance also steers away from what it describes."""
         device = self.net.null_image_embedding.device
         z = image_embedding.to(device, torch.float32)
         tokens = None if caption_tokens is None else caption_tokens.to(device)
@@ -155,7 +161,8 @@ class DiffusionDecoder(nn.Module):
         if guidance_scale == 1.0:
             return lambda x, t: self.net(x, t, cond)
         everything = torch.ones(len(z), dtype=torch.bool, device=device)
-        null = self.net.encode_condition(z, None, drop_image_embedding=everything)
+        negative = None if negative_tokens is None else negative_tokens.to(device)
+        null = self.net.encode_condition(z, negative, drop_image_embedding=everything)
         doubled = cat_conditions(cond, null)
         return classifier_free_guidance(
             lambda x, t: self.net(x, t, doubled),
@@ -233,6 +240,8 @@ def sample_decoder(
     image_embedding: Tensor,
     caption_tokens: Tensor | None = None,
     *,
+    negative_tokens: Tensor | None = None,
+    noise: Tensor | None = None,
     inverted_noise: Tensor | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
@@ -241,23 +250,29 @@ def sample_decoder(
     """Decode (B, D) CLIP image embeddings, with (B, L) CLIP caption token ids or none, into (B, 3, S, S)
     images in [0, 1].
 
-    ``overrides`` replace the decoder's exported sampling settings (sampler, steps, eta, guidance_scale).
-    By default x_T is fresh noise drawn with ``generator`` and every predicted x_0 is clipped to [-1, 1].
-    ``inverted_noise`` is an x_T from :func:`invert_decoder` (same steps and guidance): then DDIM runs over
-    the inversion's timesteps without clipping, so that eta = 0 retraces the inversion.
+    ``overrides`` replace the decoder's exported sampling settings (sampler, steps, eta, guidance_scale);
+    ``negative_tokens`` (B, L) are a caption to guide away from (see :meth:`DiffusionDecoder.guided_model`).
+    By default x_T is fresh noise drawn with ``generator`` (or the given ``noise``, e.g. one x_T shared by
+    every sample) and every predicted x_0 is clipped to [-1, 1]. ``inverted_noise`` is an x_T from
+    :func:`invert_decoder` (same steps and guidance): then DDIM runs over the inversion's timesteps without
+    clipping, so that eta = 0 retraces the inversion.
     """
+    if noise is not None and inverted_noise is not None:
+        raise ConfigError("give noise or inverted_noise, not both")
     inverted = inverted_noise is not None
     if inverted:
         options = _inverted_options(decoder, overrides)
     else:
         options = check_sampling({**decoder.sampling, **overrides}, decoder.diffusion.num_timesteps)
     device = _device(decoder)
-    model_fn = decoder.guided_model(image_embedding, caption_tokens, options["guidance_scale"])
+    model_fn = decoder.guided_model(
+        image_embedding, caption_tokens, options["guidance_scale"], negative_tokens
+    )
     if not inverted:
         size = decoder.image_size
-        shape = (len(image_embedding), 3, size, size)
+        start = (len(image_embedding), 3, size, size) if noise is None else noise.to(device, torch.float32)
         return sample_images(
-            decoder.diffusion, model_fn, shape, options, generator=generator, progress=progress, device=device
+            decoder.diffusion, model_fn, start, options, generator=generator, progress=progress, device=device
         )
     x = sample_ddim(
         decoder.diffusion,

@@ -84,3 +84,11 @@ def save_png(image: torch.Tensor, path: str | Path) -> None:
     """Write one (3, H, W) image in [0, 1] as an 8-bit RGB PNG, atomically."""
     picture = Image.fromarray(to_uint8(image))
     atomic_write(path, lambda tmp: picture.save(tmp, format="PNG"))
+
+
+def save_grid(images: torch.Tensor, path: str | Path, columns: int) -> None:
+    """Write (N, 3, H, W) images in [0, 1] as one PNG grid, ``columns`` to a row, 2 px white gutters."""
+    from torchvision.utils import make_grid
+
+    grid = make_grid(images.detach().float().cpu(), nrow=max(1, columns), padding=2, pad_value=1.0)
+    save_png(grid, path)

@@ -35,7 +35,7 @@ from unclip.diffusion import (
 )
 from unclip.errors import CheckpointError, ConfigError
 from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
-from unclip.models.prior import PriorConfig, PriorTransformer, concat_conditions
+from unclip.models.prior import PriorCondition, PriorConfig, PriorTransformer, concat_conditions
 
 COMPONENT_KIND = "prior"
 NORMALIZATIONS = ("zscore", "unit_scale")
@@ -217,6 +217,7 @@ def sample_prior(
     prior: DiffusionPrior,
     text: TextEncoding,
     *,
+    negative: TextEncoding | None = None,
     generator: torch.Generator | None = None,
     progress: bool = False,
     **overrides: Any,
@@ -225,22 +226,31 @@ def sample_prior(
 
     ``overrides`` replace the prior's exported sampling settings (sampler, steps, eta, guidance_scale,
     candidates). Guidance runs the conditional and unconditional halves as one batch (Ho & Salimans 2022);
-    ``candidates`` samples are drawn per caption and the best by :func:`best_of_n` is kept.
+    with ``negative`` captions (B of them) the unconditional half is conditioned on those instead of the
+    null caption, so guidance moves away from them. ``candidates`` samples are drawn per caption and the
+    best by :func:`best_of_n` is kept.
     """
     options = check_sampling({**prior.sampling, **overrides}, prior.config.num_timesteps)
     device = prior.net.query.device
     n, batch = options["candidates"], len(text.pooled)
     net = prior.net
-    cond = net.encode_condition(
-        text.tokens.to(device, torch.float32).repeat_interleave(n, 0),
-        text.mask.to(device).repeat_interleave(n, 0),
-        text.pooled.to(device, torch.float32).repeat_interleave(n, 0),
-    )
+
+    def encode(caption: TextEncoding) -> PriorCondition:
+        return net.encode_condition(
+            caption.tokens.to(device, torch.float32).repeat_interleave(n, 0),
+            caption.mask.to(device).repeat_interleave(n, 0),
+            caption.pooled.to(device, torch.float32).repeat_interleave(n, 0),
+        )
+
+    cond = encode(text)
     scale = float(options["guidance_scale"])
     if scale == 1.0:
         model_fn = lambda x, t: net(x, t, cond)  # noqa: E731
     else:
-        doubled = concat_conditions(cond, net.null_condition(batch * n))
+        if negative is not None and len(negative.pooled) != batch:
+            raise ConfigError(f"{len(negative.pooled)} negative captions for {batch} captions")
+        uncond = net.null_condition(batch * n) if negative is None else encode(negative)
+        doubled = concat_conditions(cond, uncond)
         model_fn = classifier_free_guidance(lambda x, t: net(x, t, doubled), scale)
     x = sample(
         prior.diffusion,

@@ -1,4 +1,21 @@
-"""``unclip-eval``: evaluate a trained stage again, as its run did or with changed settings.
+"""``unclip-eval``: judge a pipeline folder on the ``shapes`` eval captions, or evaluate one trained stage
+again. The first argument picks the mode.
+
+**A pipeline** (the first argument is ``key=value`` or an option: ``-m``, ``--help``, ``--cfg job``): a
+Hydra app (``conf/evaluate.yaml``, schema ``PipelineEvalConfig``): every option an override, ``-m`` sweeps::
+
+    unclip-eval pipeline=runs/shapes/pipeline captions=100 out=runs/shapes/eval
+    unclip-eval pipeline=runs/shapes/pipeline decoder.guidance_scale=3 prior.steps=32 precision=bf16
+    unclip-eval -m pipeline=runs/shapes/pipeline decoder.guidance_scale=1,3,5 decoder.steps=10,25
+
+It samples one 64 px image per caption through text -> prior -> decoder and writes ``eval.json``,
+``report.md`` and ``grid.png`` into ``out`` -- by default Hydra's job folder ``runs/eval/<date>``; in a ``-m``
+sweep ``out`` (default ``multirun/eval/<date>``) is the sweep folder and each job writes into its numbered
+subfolder, beside its ``.hydra/overrides.yaml``. The metrics (attribute accuracy over the captions that name
+each attribute, CLIP score, Fréchet distance in CLIP space with its noise floor) are defined in
+:mod:`unclip.eval.pipeline_eval`.
+
+**A trained stage** (the first argument is a run folder)::
 
     unclip-eval runs/shapes/prior                                        # the run's export, its own settings
     unclip-eval runs/shapes/prior stage.sampling.guidance_scale=4 stage.eval_captions=500
@@ -16,11 +33,20 @@ from __future__ import annotations
 
 import argparse
 import json
+import sys
 from pathlib import Path
 from typing import Any
 
-from unclip.cli.common import exit_with_error
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from unclip.cli.common import CONFIG_PATH, exit_with_error, friendly_errors, sampling_overrides
+from unclip.config.schema import register_configs
 from unclip.errors import ConfigError, UnclipError
+
+register_configs()
 
 
 def compose_run_config(run: Path, overrides: list[str]) -> Any:
@@ -73,10 +99,13 @@ def evaluate_run(
     return stage.evaluate(model.to(accelerator.device).eval())
 
 
-def main(argv: list[str] | None = None) -> None:
+def evaluate_run_main(argv: list[str]) -> None:
+    """``unclip-eval RUN_FOLDER [overrides] [--export F | --checkpoint F] [--out F]``."""
     parser = argparse.ArgumentParser(
         prog="unclip-eval",
-        description="Evaluate a trained stage (the trainer's eval hook) from its run folder.",
+        description="Evaluate a trained stage (the trainer's eval hook) from its run folder. "
+        "(unclip-eval pipeline=FOLDER [key=value ...] judges a whole pipeline instead: "
+        "unclip-eval --help lists its options.)",
     )
     parser.add_argument("run", type=Path, help="an unclip-train run folder (holds .hydra/ and export/)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, e.g. stage.sampling.guidance_scale=4")
@@ -97,6 +126,39 @@ def main(argv: list[str] | None = None) -> None:
         from unclip.io import write_text
 
         write_text(args.out, report + "\n")
+
+
+@hydra.main(config_path=CONFIG_PATH, config_name="evaluate", version_base="1.3")
+@friendly_errors
+def evaluate_pipeline_main(cfg: DictConfig) -> None:
+    """``unclip-eval pipeline=FOLDER [key=value ...]``: write the pipeline's report and print it as JSON."""
+    if OmegaConf.is_missing(cfg, "pipeline"):
+        raise ConfigError("give pipeline=<pipeline folder> (or a run folder: unclip-eval RUN_FOLDER ...)")
+    from unclip.eval.pipeline_eval import evaluate_pipeline, write_report  # heavy: after Hydra's checks
+
+    hydra_cfg = HydraConfig.get()
+    job_folder = hydra_cfg.mode == RunMode.MULTIRUN or cfg.out is None
+    out = Path(hydra_cfg.runtime.output_dir if job_folder else str(cfg.out))
+    report, grids = evaluate_pipeline(cfg, sampling_overrides(cfg.prior), sampling_overrides(cfg.decoder))
+    write_report(report, grids, out)
+    print(f"report folder: {out}")
+    print(json.dumps(report, indent=2))
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Dispatch on the first argument: a run folder (no ``=``, not an option) or the pipeline app."""
+    args = sys.argv[1:] if argv is None else list(argv)
+    if args and "=" not in args[0] and not args[0].startswith("-"):
+        evaluate_run_main(args)
+        return
+    if argv is None:
+        evaluate_pipeline_main()
+        return
+    saved, sys.argv = sys.argv, ["unclip-eval", *args]  # Hydra reads its command line from sys.argv
+    try:
+        evaluate_pipeline_main()
+    finally:
+        sys.argv = saved
 
 
 if __name__ == "__main__":

@@ -1,30 +1,38 @@
 """``unclip-sample``: sample from a pipeline folder, configured by Hydra.
 
     unclip-sample pipeline=runs/shapes/pipeline prompt="a small red star" num_images=4 out=samples/
-    unclip-sample pipeline=... prompts_file=prompts.txt prior.steps=32 decoder.guidance_scale=3.0
-    unclip-sample pipeline=... image=photo.jpg num_images=4                  # image variations
+    unclip-sample pipeline=... prompts_file=prompts.txt size=256 decoder.guidance_scale=3 prior.steps=32
+    unclip-sample pipeline=... prompt="a star" negative_prompt="a red star"       # guidance away from it
+    unclip-sample pipeline=... image=photo.jpg num_images=4                      # image variations (§3.1)
     unclip-sample pipeline=... image=photo.jpg prompt="a red star" invert=true decoder.eta=0.5
+    unclip-sample pipeline=... interpolate=[a.png,b.png] num_images=6            # interpolation (§3.2)
+    unclip-sample pipeline=... image=a.png prompt="a red star" text_diff="a blue star" num_images=5  # (§3.3)
 
-Text -> image writes ``embeddings.safetensors`` (the sampled CLIP image embeddings, prompt-major) and, when
-the pipeline has a decoder, one PNG per sample (``0000.png``, ...). Image variation (``image=``) writes the
-PNGs. Both write ``samples.json``, a sidecar with every prompt, setting and seed, so any sample can be
-regenerated.
+Every mode runs the cascade up to ``size`` (null: the pipeline's largest) and writes one PNG per image
+(``0000.png``, ...), ``grid.png`` (one row per prompt, or the one row of a variation, interpolation or text
+diff) and ``samples.json``, a sidecar with the prompts, every stage's resolved sampling settings, the seed and
+the overrides that regenerate the same images (``regenerate``). Text -> image also writes
+``embeddings.safetensors`` (the prior's CLIP image embeddings, prompt-major); a pipeline without a decoder
+writes only those.
 """
 
 from __future__ import annotations
 
 import json
+import shlex
 from pathlib import Path
 from typing import Any
 
 import hydra
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig
 
-from unclip.cli.common import CONFIG_PATH, friendly_errors
+from unclip.cli.common import CONFIG_PATH, friendly_errors, sampling_overrides
 from unclip.config.schema import register_configs
 from unclip.errors import ConfigError, DataError
 
 register_configs()
+
+_UPSAMPLERS = ("sr256", "sr1024")
 
 
 def read_prompts(cfg: DictConfig) -> list[str]:
@@ -45,87 +53,156 @@ def read_prompts(cfg: DictConfig) -> list[str]:
     return prompts
 
 
-def _options(node: DictConfig) -> dict[str, Any]:
-    return {k: v for k, v in OmegaConf.to_container(node).items() if v is not None}
+def _mode(cfg: DictConfig) -> str:
+    """Which of the four modes the options ask for; contradictory options are refused by name."""
+    if cfg.interpolate is not None:
+        if cfg.image is not None or cfg.prompt is not None or cfg.prompts_file is not None:
+            raise ConfigError("interpolate=[a,b] takes its two images alone: drop image= and prompt=")
+        if len(cfg.interpolate) != 2:
+            raise ConfigError(f"interpolate= needs exactly two image files, got {len(cfg.interpolate)}")
+        return "interpolate"
+    if cfg.text_diff is not None:
+        if cfg.image is None or cfg.prompt is None:
+            raise ConfigError('text_diff="<new caption>" needs image=<file> and prompt="<its caption>"')
+        return "text_diff"
+    if cfg.image is not None:
+        if cfg.prompts_file is not None:
+            raise ConfigError(
+                "image variation takes at most one caption: use prompt=..., not prompts_file=..."
+            )
+        return "variation"
+    if cfg.invert:
+        raise ConfigError("invert=true inverts an image: give image=<file>")
+    return "text"
 
 
-def _write_images(images: Any, out: Path) -> list[str]:
-    from unclip.images import save_png
+def _write_images(images: Any, out: Path, columns: int, grid: bool) -> list[str]:
+    from unclip.images import save_grid, save_png
 
     names = [f"{i:04d}.png" for i in range(len(images))]
     for image, name in zip(images, names):
         save_png(image, out / name)
+    if grid:
+        save_grid(images, out / "grid.png", columns)
     return names
 
 
-def _variations(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """``image=``: variations of one image file, optionally captioned by ``prompt=``."""
-    from unclip.images import load_image
-
-    if cfg.prompts_file is not None:
-        raise ConfigError("image variation takes at most one caption: use prompt=..., not prompts_file=...")
-    image = load_image(str(cfg.image))  # a bad file fails before any model is imported or loaded
-
-    from unclip.pipeline import UnCLIPPipeline
-
-    pipeline = UnCLIPPipeline.load(cfg.pipeline, device=cfg.device)
-    options = _options(cfg.decoder)
-    images = pipeline.image_variations(
-        image, cfg.num_images, cfg.prompt, cfg.invert, cfg.seed, cfg.progress, **options
-    )
-    files = _write_images(images, out)
-    caption = "" if cfg.prompt is None else f' prompt="{cfg.prompt}"'
+def _settings(pipeline: Any, cfg: DictConfig, stages: list[str]) -> dict[str, Any]:
+    """Every stage's resolved sampling settings: the exported defaults with this run's overrides."""
+    parts = {"prior": pipeline.prior, "decoder": pipeline.decoder, **pipeline.upsamplers}
     return {
-        "image": str(Path(str(cfg.image)).resolve()),
-        "caption": cfg.prompt,
-        "invert": cfg.invert,
-        "decoder": {**pipeline.decoder.sampling, **options, **({"sampler": "ddim"} if cfg.invert else {})},
-        "rows": [{"row": i, "file": f} for i, f in enumerate(files)],
-        "regenerate": f"unclip-sample pipeline={cfg.pipeline} image={cfg.image}{caption} "
-        f"invert={cfg.invert} num_images={cfg.num_images} seed={cfg.seed}",
+        s: {**parts[s].sampling, **sampling_overrides(cfg[s])} for s in stages if parts.get(s) is not None
     }
 
 
-def _text_to_image(cfg: DictConfig, out: Path) -> dict[str, Any]:
-    """``prompt=`` / ``prompts_file=``: the prior's embeddings and, with a decoder, the images."""
-    from unclip.io import save_tensors
-    from unclip.pipeline import UnCLIPPipeline
+def _image_stages(pipeline: Any, cfg: DictConfig) -> list[str]:
+    sizes = pipeline.sizes
+    stop = sizes.index(cfg.size) if cfg.size in sizes else len(sizes) - 1
+    return ["decoder", *list(pipeline.upsamplers)[:stop]]
 
-    if cfg.invert:
-        raise ConfigError("invert=true inverts an image: give image=<file>")
-    prompts = read_prompts(cfg)
+
+def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
+    """Run the chosen mode; return the mode's part of the sidecar."""
+    from unclip.images import load_image
+    from unclip.io import save_tensors
+    from unclip.pipeline import UnCLIPPipeline, sampling_precision
+
+    mode = _mode(cfg)
+    # bad files and prompts fail before any model is loaded
+    sources = [str(p) for p in (cfg.interpolate or [cfg.image] if mode != "text" else [])]
+    images = [load_image(path) for path in sources]
+    prompts = read_prompts(cfg) if mode == "text" else []
     pipeline = UnCLIPPipeline.load(cfg.pipeline, device=cfg.device)
-    for p in prompts:
-        pipeline.clip.check_prompt(p)
-    prior_options, decoder_options = _options(cfg.prior), _options(cfg.decoder)
+    for prompt in [*prompts, *[p for p in (cfg.prompt, cfg.negative_prompt, cfg.text_diff) if p is not None]]:
+        pipeline.clip.check_prompt(prompt)
+    if cfg.negative_prompt is not None and mode != "text":
+        raise ConfigError("negative_prompt= applies to text -> image (prompt= or prompts_file=) only")
+    decoder = sampling_overrides(cfg.decoder)
+    upsamplers = {s: sampling_overrides(cfg[s]) for s in _UPSAMPLERS}
+    common = dict(seed=cfg.seed, progress=cfg.progress, size=cfg.size, upsampler_options=upsamplers)
+    body: dict[str, Any] = {"mode": mode}
+    with sampling_precision(cfg.device, cfg.precision):
+        if mode == "text" and pipeline.decoder is None:
+            if decoder or any(upsamplers.values()) or cfg.size is not None:
+                raise ConfigError(
+                    f"{cfg.pipeline} has no decoder stage: decoder, upsampler and size settings do not apply"
+                )
+            embeddings = pipeline.text_to_image_embedding(
+                prompts,
+                cfg.num_images,
+                cfg.seed,
+                cfg.progress,
+                cfg.negative_prompt,
+                **sampling_overrides(cfg.prior),
+            )
+            made, stages = None, ["prior"]
+        elif mode == "text":
+            embeddings, made = pipeline.text_to_image(
+                prompts,
+                cfg.num_images,
+                prior_options=sampling_overrides(cfg.prior),
+                decoder_options=decoder,
+                negative_prompt=cfg.negative_prompt,
+                **common,
+            )
+            stages = ["prior", *_image_stages(pipeline, cfg)]
+        else:
+            if sampling_overrides(cfg.prior):
+                raise ConfigError(f"prior.* settings do not apply to {mode}: it starts from an image")
+            if mode == "variation":
+                made = pipeline.image_variations(
+                    images[0], cfg.num_images, cfg.prompt, cfg.invert, **common, **decoder
+                )
+            elif mode == "interpolate":
+                made = pipeline.interpolate(images[0], images[1], cfg.num_images, **common, **decoder)
+            else:
+                made = pipeline.text_diff(
+                    images[0],
+                    cfg.prompt,
+                    cfg.text_diff,
+                    cfg.num_images,
+                    max_fraction=cfg.text_diff_max,
+                    **common,
+                    **decoder,
+                )
+            stages = _image_stages(pipeline, cfg)
+            body["sources"] = [str(Path(p).resolve()) for p in sources]
+            if mode != "interpolate":
+                body["caption"] = cfg.prompt
+            if mode == "variation":
+                body["invert"] = cfg.invert
+            if mode == "text_diff":
+                body |= {"target": cfg.text_diff, "text_diff_max": cfg.text_diff_max}
+    if mode == "text":
+        save_tensors(out / "embeddings.safetensors", {"image_embeddings": embeddings})
+        body["prompts"] = prompts
     files: list[str | None] = [None] * (len(prompts) * cfg.num_images)
-    sidecar: dict[str, Any] = {}
-    if pipeline.decoder is None:
-        if decoder_options:
-            raise ConfigError(f"{cfg.pipeline} has no decoder stage, so decoder.* settings do not apply")
-        embeddings = pipeline.text_to_image_embedding(
-            prompts, cfg.num_images, cfg.seed, cfg.progress, **prior_options
-        )
-    else:
-        embeddings, images = pipeline.text_to_image(
-            prompts, cfg.num_images, cfg.seed, cfg.progress, prior_options, decoder_options
-        )
-        files = list(_write_images(images, out))
-        sidecar["decoder"] = {**pipeline.decoder.sampling, **decoder_options}
-    save_tensors(out / "embeddings.safetensors", {"image_embeddings": embeddings})
-    return {
-        "prompts": prompts,
-        "num_images": cfg.num_images,
-        "prior": {**pipeline.prior.sampling, **prior_options},
-        **sidecar,
-        "rows": [
+    if made is not None:
+        files = list(_write_images(made, out, cfg.num_images, cfg.grid))
+        body["size"] = int(made.shape[-1])
+    body["settings"] = _settings(pipeline, cfg, stages)
+    if mode == "text_diff" or cfg.invert:  # the inverted path only runs DDIM
+        body["settings"]["decoder"]["sampler"] = "ddim"
+    if mode == "text":
+        body["rows"] = [
             {"row": i * cfg.num_images + j, "prompt": p, "image": j, "file": files[i * cfg.num_images + j]}
             for i, p in enumerate(prompts)
             for j in range(cfg.num_images)
-        ],
-        "regenerate": f"unclip-sample pipeline={cfg.pipeline} prompts_file=<these prompts> "
-        f"num_images={cfg.num_images} seed={cfg.seed}",
-    }
+        ]
+    else:
+        body["rows"] = [{"row": i, "file": f} for i, f in enumerate(files)]
+    return body
+
+
+def regenerate_command(cfg: DictConfig, out: Path) -> list[str]:
+    """The overrides that make these images again: this run's own, with ``out=`` dropped and a prompts file
+    replaced by the copy written beside the images."""
+    from hydra.core.hydra_config import HydraConfig
+
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("out=", "prompts_file="))]
+    if cfg.prompts_file is not None:
+        overrides.append(f"prompts_file={out / 'prompts.txt'}")
+    return overrides
 
 
 @hydra.main(config_path=CONFIG_PATH, config_name="sample", version_base="1.3")
@@ -137,8 +214,19 @@ def main(cfg: DictConfig) -> None:
     if cfg.num_images < 1:
         raise ConfigError(f"num_images={cfg.num_images} must be at least 1")
     out = Path(str(cfg.out))
-    body = _variations(cfg, out) if cfg.image is not None else _text_to_image(cfg, out)
-    sidecar = {"pipeline": str(Path(str(cfg.pipeline)).resolve()), "seed": cfg.seed, **body}
+    body = _generate(cfg, out)
+    if cfg.prompts_file is not None:
+        write_text(out / "prompts.txt", "\n".join(body["prompts"]) + "\n")
+    overrides = regenerate_command(cfg, out)
+    sidecar = {
+        "pipeline": str(Path(str(cfg.pipeline)).resolve()),
+        "seed": cfg.seed,
+        "num_images": cfg.num_images,
+        "precision": cfg.precision,
+        **body,
+        "overrides": overrides,
+        "regenerate": " ".join(["unclip-sample", *map(shlex.quote, overrides), "out=<folder>"]),
+    }
     write_text(out / "samples.json", json.dumps(sidecar, indent=2))
     made = sum(row.get("file") is not None for row in body["rows"])
     print(f"wrote {len(body['rows'])} samples ({made} images) to {out}")

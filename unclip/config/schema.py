@@ -326,21 +326,63 @@ class DecoderOverrides:
 
 
 @dataclass
+class UpsamplerOverrides:
+    """Overrides of an upsampler's exported sampling settings; null keeps the exported value."""
+
+    sampler: str | None = None
+    steps: str | None = None
+    eta: float | None = None
+    aug_level: float | None = None
+    tile_size: int | None = None  # 0: the whole image at once
+    tile_overlap: int | None = None
+
+
+@dataclass
 class SampleConfig:
     """Root of ``unclip-sample``."""
 
     pipeline: str = MISSING
     prompt: str | None = None
     prompts_file: str | None = None
+    negative_prompt: str | None = None  # guidance away from this caption, in the prior and the decoder
     out: str = "samples"
     num_images: int = 1
     seed: int = 0
+    size: int | None = None  # stop the cascade at this side (64, 256, 1024); null: the pipeline's largest
     device: str = "cpu"
+    precision: str = "no"  # no | bf16 | fp16: autocast while sampling
     prior: PriorOverrides = field(default_factory=PriorOverrides)
     decoder: DecoderOverrides = field(default_factory=DecoderOverrides)
+    sr256: UpsamplerOverrides = field(default_factory=UpsamplerOverrides)
+    sr1024: UpsamplerOverrides = field(default_factory=UpsamplerOverrides)
     # image variation: decode num_images variations of this file (prompt= optionally captions them)
     image: str | None = None
     invert: bool = False  # start from the image's DDIM-inverted noise; decoder.eta sets how far they stray
+    # interpolation (unCLIP Figure 4): num_images steps between two images' CLIP embeddings
+    interpolate: list[str] | None = None
+    # text diff (unCLIP Figure 5): move image= from its caption prompt= toward this one
+    text_diff: str | None = None
+    text_diff_max: float = 0.5  # the largest slerp angle, as a fraction of the way to the diff vector
+    grid: bool = True  # also write grid.png, one row per prompt
+    progress: bool = True
+    debug: bool = False
+
+
+@dataclass
+class PipelineEvalConfig:
+    """Root of ``unclip-eval pipeline=...``: the cascade judged on the ``shapes`` eval captions."""
+
+    pipeline: str = MISSING
+    data: ShapesDataConfig = field(default_factory=ShapesDataConfig)
+    captions: int = 100  # captions per eval split (seen pairs, held-out pairs)
+    seed: int = 0
+    batch_size: int = 50
+    device: str = "cpu"
+    precision: str = "no"  # no | bf16 | fp16: autocast while sampling
+    prior: PriorOverrides = field(default_factory=PriorOverrides)
+    decoder: DecoderOverrides = field(default_factory=DecoderOverrides)
+    grid_images: int = 16  # samples shown in the report's grid
+    out: str | None = None  # report folder; null: Hydra's job folder (one per job of a -m sweep)
     progress: bool = True
     debug: bool = False
 
@@ -360,6 +402,7 @@ def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="schema_train", node=TrainConfig)
     cs.store(name="schema_sample", node=SampleConfig)
+    cs.store(name="schema_evaluate", node=PipelineEvalConfig)
     for name, node in STAGE_SCHEMAS.items():
         cs.store(group="stage", name=f"schema_{name}", node=node)
     for name, node in DATA_SCHEMAS.items():

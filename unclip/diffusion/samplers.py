@@ -246,7 +246,7 @@ def ddim_invert(
 def sample_images(
     diffusion: GaussianDiffusion,
     model_fn: ModelFn,
-    shape: Sequence[int],
+    noise: Noise,
     options: dict,
     *,
     generator: torch.Generator | None = None,
@@ -254,11 +254,12 @@ def sample_images(
     device: torch.device | str | None = None,
 ) -> Tensor:
     """Sample images in [-1, 1] with checked sampler settings (``sampler``, ``steps``, ``eta``), every
-    predicted x_0 clipped to [-1, 1] (Ho et al. 2020 §3.3); returns them in [0, 1]."""
+    predicted x_0 clipped to [-1, 1] (Ho et al. 2020 §3.3), from ``noise`` (x_T or its shape, as in
+    :func:`sample`); returns them in [0, 1]."""
     x = sample(
         diffusion,
         model_fn,
-        shape,
+        noise,
         sampler=options["sampler"],
         steps=options["steps"],
         eta=options["eta"],
