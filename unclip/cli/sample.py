@@ -60,20 +60,22 @@ def _mode(cfg: DictConfig) -> str:
             raise ConfigError("interpolate=[a,b] takes its two images alone: drop image= and prompt=")
         if len(cfg.interpolate) != 2:
             raise ConfigError(f"interpolate= needs exactly two image files, got {len(cfg.interpolate)}")
-        return "interpolate"
-    if cfg.text_diff is not None:
+        mode = "interpolate"
+    elif cfg.text_diff is not None:
         if cfg.image is None or cfg.prompt is None:
             raise ConfigError('text_diff="<new caption>" needs image=<file> and prompt="<its caption>"')
-        return "text_diff"
-    if cfg.image is not None:
+        mode = "text_diff"
+    elif cfg.image is not None:
         if cfg.prompts_file is not None:
-            raise ConfigError(
-                "image variation takes at most one caption: use prompt=..., not prompts_file=..."
-            )
-        return "variation"
-    if cfg.invert:
+            raise ConfigError("image variation takes at most one caption: prompt=..., not prompts_file=...")
+        mode = "variation"
+    elif cfg.invert:
         raise ConfigError("invert=true inverts an image: give image=<file>")
-    return "text"
+    else:
+        mode = "text"
+    if cfg.negative_prompt is not None and mode != "text":
+        raise ConfigError("negative_prompt= applies to text -> image (prompt= or prompts_file=) only")
+    return mode
 
 
 def _write_images(images: Any, out: Path, columns: int, grid: bool) -> list[str]:
@@ -109,14 +111,12 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
 
     mode = _mode(cfg)
     # bad files and prompts fail before any model is loaded
-    sources = [str(p) for p in (cfg.interpolate or [cfg.image] if mode != "text" else [])]
-    images = [load_image(path) for path in sources]
+    sources = {"text": [], "interpolate": list(cfg.interpolate or [])}.get(mode, [cfg.image])
+    images = [load_image(str(path)) for path in sources]
     prompts = read_prompts(cfg) if mode == "text" else []
     pipeline = UnCLIPPipeline.load(cfg.pipeline, device=cfg.device)
     for prompt in [*prompts, *[p for p in (cfg.prompt, cfg.negative_prompt, cfg.text_diff) if p is not None]]:
         pipeline.clip.check_prompt(prompt)
-    if cfg.negative_prompt is not None and mode != "text":
-        raise ConfigError("negative_prompt= applies to text -> image (prompt= or prompts_file=) only")
     decoder = sampling_overrides(cfg.decoder)
     upsamplers = {s: sampling_overrides(cfg[s]) for s in _UPSAMPLERS}
     common = dict(seed=cfg.seed, progress=cfg.progress, size=cfg.size, upsampler_options=upsamplers)
