@@ -19,7 +19,7 @@ import contextlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import torch
@@ -201,8 +201,9 @@ class UnCLIPPipeline:
             raise CheckpointError(f"{self.folder} has no decoder stage: it cannot make images")
         return self.decoder
 
-    def _stages_to(self, size: int | None) -> list[str]:
-        """The upsampler stages to run to reach ``size`` (None: all of them)."""
+    def upsampler_stages(self, size: int | None) -> list[str]:
+        """The upsampler stages that run to reach ``size`` (None: all of them); a size the pipeline does not
+        make is an error listing the ones it does."""
         sizes = self.sizes
         if size is None:
             return list(self.upsamplers)
@@ -227,7 +228,7 @@ class UnCLIPPipeline:
             raise ConfigError(
                 f"upsampler options for unknown stage(s) {unknown}; known: {list(UPSAMPLER_STAGES)}"
             )
-        stages = self._stages_to(size)
+        stages = self.upsampler_stages(size)
         for stage, settings in options.items():
             if settings and stage not in self.upsamplers:
                 raise ConfigError(f"{self.folder} has no {stage} stage, so {stage} settings do not apply")
@@ -248,6 +249,20 @@ class UnCLIPPipeline:
                 ]
             )
         return images
+
+    def _decode_and_upscale(
+        self,
+        decode: Callable[[torch.Generator], torch.Tensor],
+        size: int | None,
+        seed: int,
+        progress: bool,
+        upsampler_options: dict[str, dict[str, object]] | None,
+    ) -> torch.Tensor:
+        """Check ``size`` before any sampling, run ``decode(generator)`` (decoder-size images, its generator
+        seeded with ``seed``), then the upsamplers up to ``size``."""
+        self.upsampler_stages(size)
+        images = decode(self._generator(seed))
+        return self.upscale(images, size, seed, progress, upsampler_options)
 
     def _check_prompts(self, prompts: list[str]) -> None:
         if not prompts:
@@ -310,7 +325,7 @@ class UnCLIPPipeline:
         N = len(prompts) * num_images, prompt-major. ``negative_prompt`` is guided away from in both the prior
         and the decoder."""
         decoder = self._need_decoder()
-        self._stages_to(size)  # a wrong size fails before any sampling
+        self.upsampler_stages(size)  # a wrong size fails before any sampling
         embeddings = self.text_to_image_embedding(
             prompts, num_images, seed, progress, negative_prompt, **(prior_options or {})
         )
@@ -342,19 +357,24 @@ class UnCLIPPipeline:
     ) -> torch.Tensor:
         """Variations (N, 3, size, size) in [0, 1] of a (3, H, W) image in [0, 1] (§3.1; see
         :func:`unclip.variation.image_variations`)."""
-        self._stages_to(size)
-        images = image_variations(
-            self.clip,
-            self._need_decoder(),
-            image,
-            num_images,
-            caption=caption,
-            invert=invert,
-            generator=self._generator(seed),
-            progress=progress,
-            **decoder_options,
+        decoder = self._need_decoder()
+        return self._decode_and_upscale(
+            lambda generator: image_variations(
+                self.clip,
+                decoder,
+                image,
+                num_images,
+                caption=caption,
+                invert=invert,
+                generator=generator,
+                progress=progress,
+                **decoder_options,
+            ),
+            size,
+            seed,
+            progress,
+            upsampler_options,
         )
-        return self.upscale(images, size, seed, progress, upsampler_options)
 
     @torch.no_grad()
     def interpolate(
@@ -371,18 +391,23 @@ class UnCLIPPipeline:
     ) -> torch.Tensor:
         """``num_images`` images (N, 3, size, size) from image_a to image_b (§3.2, Figure 4; see
         :func:`unclip.variation.interpolate_images`)."""
-        self._stages_to(size)
-        images = interpolate_images(
-            self.clip,
-            self._need_decoder(),
-            image_a,
-            image_b,
-            num_images,
-            generator=self._generator(seed),
-            progress=progress,
-            **decoder_options,
+        decoder = self._need_decoder()
+        return self._decode_and_upscale(
+            lambda generator: interpolate_images(
+                self.clip,
+                decoder,
+                image_a,
+                image_b,
+                num_images,
+                generator=generator,
+                progress=progress,
+                **decoder_options,
+            ),
+            size,
+            seed,
+            progress,
+            upsampler_options,
         )
-        return self.upscale(images, size, seed, progress, upsampler_options)
 
     @torch.no_grad()
     def text_diff(
@@ -401,20 +426,25 @@ class UnCLIPPipeline:
     ) -> torch.Tensor:
         """``num_images`` images (N, 3, size, size): ``image`` (described by ``caption``) moved toward
         ``target`` (§3.3, Figure 5; see :func:`unclip.variation.text_diff`)."""
-        self._stages_to(size)
-        images = text_diff(
-            self.clip,
-            self._need_decoder(),
-            image,
-            caption,
-            target,
-            num_images,
-            max_fraction=max_fraction,
-            generator=self._generator(seed),
-            progress=progress,
-            **decoder_options,
+        decoder = self._need_decoder()
+        return self._decode_and_upscale(
+            lambda generator: text_diff(
+                self.clip,
+                decoder,
+                image,
+                caption,
+                target,
+                num_images,
+                max_fraction=max_fraction,
+                generator=generator,
+                progress=progress,
+                **decoder_options,
+            ),
+            size,
+            seed,
+            progress,
+            upsampler_options,
         )
-        return self.upscale(images, size, seed, progress, upsampler_options)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -97,12 +97,6 @@ def _settings(pipeline: Any, cfg: DictConfig, stages: list[str]) -> dict[str, An
     }
 
 
-def _image_stages(pipeline: Any, cfg: DictConfig) -> list[str]:
-    sizes = pipeline.sizes
-    stop = sizes.index(cfg.size) if cfg.size in sizes else len(sizes) - 1
-    return ["decoder", *list(pipeline.upsamplers)[:stop]]
-
-
 def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the chosen mode; return the mode's part of the sidecar."""
     from unclip.images import load_image
@@ -145,7 +139,7 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
                 negative_prompt=cfg.negative_prompt,
                 **common,
             )
-            stages = ["prior", *_image_stages(pipeline, cfg)]
+            stages = ["prior", "decoder", *pipeline.upsampler_stages(cfg.size)]
         else:
             if sampling_overrides(cfg.prior):
                 raise ConfigError(f"prior.* settings do not apply to {mode}: it starts from an image")
@@ -165,7 +159,7 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
                     **common,
                     **decoder,
                 )
-            stages = _image_stages(pipeline, cfg)
+            stages = ["decoder", *pipeline.upsampler_stages(cfg.size)]
             body["sources"] = [str(Path(p).resolve()) for p in sources]
             if mode != "interpolate":
                 body["caption"] = cfg.prompt
