@@ -195,3 +195,27 @@ def test_misspelt_key_is_refused_by_name(pipelines, tmp_path, monkeypatch, capsy
     stderr = capsys.readouterr().err
     assert exit_.value.code == 1 and "captionz" in stderr and "Traceback" not in stderr
     assert not list(tmp_path.iterdir())  # refused before any folder is made
+
+
+def test_retrieval_recall_against_a_brute_force_count():
+    from unclip.eval.retrieval import retrieval_recall
+
+    g = torch.Generator().manual_seed(0)
+    images, texts = torch.randn(12, 8, generator=g), torch.randn(12, 8, generator=g)
+    texts[:6] = images[:6] * 3  # the first six captions point straight at their images
+    captions = [f"c{i}" for i in range(11)] + ["c0"]  # caption 11 repeats caption 0: image 0 counts for it
+    found = retrieval_recall(images, texts, captions, ks=(1, 3))
+    cos = torch.nn.functional.normalize(texts, dim=-1) @ torch.nn.functional.normalize(images, dim=-1).T
+    for k in (1, 3):
+        hits = sum(
+            any(captions[j] == captions[i] for j in cos[i].argsort(descending=True)[:k].tolist())
+            for i in range(12)
+        )
+        assert found[f"text_to_image_r@{k}"] == pytest.approx(hits / 12)
+        back = sum(
+            any(captions[i] == captions[j] for i in cos[:, j].argsort(descending=True)[:k].tolist())
+            for j in range(12)
+        )
+        assert found[f"image_to_text_r@{k}"] == pytest.approx(back / 12)
+        assert found[f"chance@{k}"] == k / 12
+    assert found["text_to_image_r@1"] >= 6 / 12

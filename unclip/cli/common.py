@@ -27,6 +27,35 @@ def _if_null(value: Any, default: Any) -> Any:
 OmegaConf.register_new_resolver("unclip.if_null", _if_null, replace=True)
 
 
+def slurm_distributed_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """torch.distributed's variables (RANK, WORLD_SIZE, LOCAL_RANK, MASTER_ADDR, MASTER_PORT) from SLURM's,
+    for a process that SLURM started directly (one task per GPU, as ``hydra/launcher=slurm_multigpu`` does)
+    rather than through ``accelerate launch`` or ``torchrun``, which set them already. Empty when not
+    needed. The first host of the job's node list is the rendezvous address."""
+    env = os.environ if environ is None else environ
+    if "RANK" in env or int(env.get("SLURM_NTASKS", "1")) <= 1 or "SLURM_PROCID" not in env:
+        return {}
+    nodes = env.get("SLURM_JOB_NODELIST", env.get("SLURM_NODELIST", "localhost"))
+    return {
+        "RANK": env["SLURM_PROCID"],
+        "WORLD_SIZE": env["SLURM_NTASKS"],
+        "LOCAL_RANK": env.get("SLURM_LOCALID", "0"),
+        "MASTER_ADDR": first_host(nodes),
+        "MASTER_PORT": env.get("MASTER_PORT", str(20000 + int(env.get("SLURM_JOB_ID", "0")) % 20000)),
+    }
+
+
+def first_host(nodelist: str) -> str:
+    """The first host of a SLURM node list: ``gpu[07-09,12],cpu1`` -> ``gpu07``."""
+    head = (
+        nodelist.split(",")[0] if "[" not in nodelist.split(",")[0] else nodelist[: nodelist.index("]") + 1]
+    )
+    if "[" not in head:
+        return head
+    prefix, ranges = head.split("[", 1)
+    return prefix + ranges.rstrip("]").split(",")[0].split("-")[0]
+
+
 def friendly_errors(run: Callable[[Any], Any]) -> Callable[[Any], Any]:
     """Print an :class:`UnclipError` as one line and exit 1 (``debug=true``: the traceback)."""
 

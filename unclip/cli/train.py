@@ -8,12 +8,13 @@ accelerate launch -m unclip.cli.train stage=clip ...    # many GPUs / nodes
 from __future__ import annotations
 
 import json
+import os
 
 import hydra
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig
 
-from unclip.cli.common import CONFIG_PATH, friendly_errors
+from unclip.cli.common import CONFIG_PATH, friendly_errors, slurm_distributed_env
 from unclip.config.schema import register_configs
 
 register_configs()
@@ -25,6 +26,7 @@ def main(cfg: DictConfig) -> float | None:
     """Train ``cfg.stage`` into Hydra's output folder and print its final evaluation."""
     from unclip.train.trainer import Trainer  # heavy imports after Hydra has parsed the command line
 
+    os.environ.update(slurm_distributed_env())  # one SLURM task per GPU (hydra/launcher=slurm_multigpu)
     run_dir = HydraConfig.get().runtime.output_dir
     trainer = Trainer(cfg, run_dir)
     metrics = trainer.fit()

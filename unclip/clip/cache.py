@@ -30,6 +30,26 @@ def _token_length(encoder: ClipEncoder, captions: list[str]) -> int:
     return max(ends) + 1
 
 
+@torch.no_grad()
+def embed_batch(
+    encoder: ClipEncoder, images: list, captions: list[str], length: int
+) -> dict[str, np.ndarray]:
+    """The :data:`EMBEDDING_COLUMNS` of a batch of PIL images (at the encoder's size) and their captions, the
+    caption columns cut to ``length`` tokens."""
+    device = next(encoder.parameters()).device
+    pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    pixels = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255.0
+    ids = encoder.tokenize(captions)
+    text = encoder.encode_text(ids)
+    return {
+        "image_embedding": encoder.encode_image(pixels).float().cpu().numpy(),
+        "text_embedding": text.pooled.float().cpu().numpy(),
+        "token_ids": ids[:, :length].cpu().numpy().astype(np.int32),
+        "text_tokens": text.tokens[:, :length].to(torch.float16).cpu().numpy(),
+        "token_mask": text.mask[:, :length].cpu().numpy(),
+    }
+
+
 def embed_split(
     encoder: ClipEncoder,
     split: datasets.Dataset,
@@ -44,23 +64,11 @@ def embed_split(
     manifest = folder / "manifest.json"
     if manifest.is_file():
         return datasets.Dataset.from_file(str(folder / "embeddings.arrow"))
-    device = next(encoder.parameters()).device
     length = _token_length(encoder, split[caption_column])
     encoder.eval()
 
-    @torch.no_grad()
     def embed(batch: dict[str, list]) -> dict[str, np.ndarray]:
-        images = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in batch[image_column]])
-        pixels = torch.from_numpy(images).to(device).permute(0, 3, 1, 2).float() / 255.0
-        ids = encoder.tokenize(batch[caption_column])
-        text = encoder.encode_text(ids)
-        return {
-            "image_embedding": encoder.encode_image(pixels).float().cpu().numpy(),
-            "text_embedding": text.pooled.float().cpu().numpy(),
-            "token_ids": ids[:, :length].cpu().numpy().astype(np.int32),
-            "text_tokens": text.tokens[:, :length].to(torch.float16).cpu().numpy(),
-            "token_mask": text.mask[:, :length].cpu().numpy(),
-        }
+        return embed_batch(encoder, batch[image_column], batch[caption_column], length)
 
     tmp = folder.with_name(f".tmp-{folder.name}")
     shutil.rmtree(tmp, ignore_errors=True)

@@ -101,11 +101,22 @@ class PriorSamplingConfig:
 
 
 @dataclass
+class PrecomputedEmbeddings:
+    """Train on the parquet parts of an ``unclip-embed`` job (:mod:`unclip.embed`) instead of embedding
+    ``data`` on the fly; ``stream`` reads them part by part (a shuffle buffer of ``shuffle_buffer`` rows)."""
+
+    path: str | None = None
+    stream: bool = False
+    shuffle_buffer: int = 10000
+
+
+@dataclass
 class PriorStageConfig(StageConfig):
     """The diffusion prior (unCLIP §2.2): text -> CLIP image embedding, trained on cached CLIP embeddings."""
 
     name: str = "prior"
     clip: str = MISSING  # a CLIP component folder (a CLIP run's export/)
+    embeddings: PrecomputedEmbeddings = field(default_factory=PrecomputedEmbeddings)
     model: PriorModelConfig = field(default_factory=PriorModelConfig)
     normalize: str = "zscore"  # zscore | unit_scale
     schedule: str = "cosine"
@@ -167,6 +178,7 @@ class DecoderStageConfig(StageConfig):
 
     name: str = "decoder"
     clip: str = MISSING  # a CLIP component folder (a CLIP run's export/)
+    embeddings: PrecomputedEmbeddings = field(default_factory=PrecomputedEmbeddings)
     image_size: int = 64
     model: DecoderModelConfig = field(default_factory=DecoderModelConfig)
     schedule: str = "cosine"
@@ -277,6 +289,9 @@ class TrainerConfig:
     eval_every: int = 0  # 0: evaluate only when training ends
     log_every: int = 10
     num_workers: int = 0
+    # streamed data: how many streams make up a global batch (0: processes x workers); keep it fixed to get
+    # the same batches, and weights, from any number of processes
+    streams: int = 0
     cpu: bool = False  # force the CPU even where a GPU is present
     progress: bool = True
 
@@ -397,12 +412,29 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
 DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
 
 
+@dataclass
+class EmbedConfig:
+    """``unclip-embed``: CLIP embeddings of a whole source as parquet parts (:mod:`unclip.embed`)."""
+
+    data: Any = MISSING
+    clip: str = MISSING
+    out: str = MISSING
+    batch_size: int = 256
+    image_size: int | None = 64
+    rows_per_part: int = 10000
+    parts: int = 8
+    cpu: bool = False
+    progress: bool = True
+    debug: bool = False
+
+
 def register_configs() -> None:
     """Register the schemas under the names the YAML defaults lists refer to (``schema_<name>``)."""
     cs = ConfigStore.instance()
     cs.store(name="schema_train", node=TrainConfig)
     cs.store(name="schema_sample", node=SampleConfig)
     cs.store(name="schema_evaluate", node=PipelineEvalConfig)
+    cs.store(name="schema_embed", node=EmbedConfig)
     for name, node in STAGE_SCHEMAS.items():
         cs.store(group="stage", name=f"schema_{name}", node=node)
     for name, node in DATA_SCHEMAS.items():

@@ -3,9 +3,9 @@
 For each held-out image the decoder decodes the image's own CLIP embedding (with its caption, or with none,
 as image variation does), and the output is compared with the source:
 
-- ``colour_acc`` ... ``background_acc``: the pixel reader (:mod:`unclip.eval.shapes_reader`) on the output
-  against the source's true attributes. A CLIP image embedding describes the whole image, so every attribute
-  counts, whether or not the caption names it;
+- ``colour_acc`` ... ``background_acc`` (``shapes`` data only): the pixel reader
+  (:mod:`unclip.eval.shapes_reader`) on the output against the source's true attributes. A CLIP image
+  embedding describes the whole image, so every attribute counts, whether or not the caption names it;
 - ``clip_cosine``: mean cosine similarity between the CLIP embedding of the output and the source's;
 - ``clip_cosine_shuffled``: the same against another, randomly paired source: the similarity any output of
   this data reaches, so the gap to ``clip_cosine`` is what the decoder kept of its particular source.
@@ -43,8 +43,9 @@ def evaluate_decoder(
     batch_size: int = 64,
     **sampling: object,
 ) -> dict[str, float]:
-    """Metrics of the decoder on embedded ``rows`` (an ``embed_split`` result of a ``shapes`` split, at least
-    two rows). ``sampling`` overrides the decoder's sampling settings."""
+    """Metrics of the decoder on embedded ``rows`` (an ``embed_split`` result, at least two rows; the
+    pixel reader's accuracies are added for ``shapes`` splits). ``sampling`` overrides the decoder's
+    sampling settings."""
     data = rows.with_format("torch", columns=["image_embedding", "token_ids"])
     device = next(encoder.parameters()).device
     outputs, generated = [], []
@@ -55,9 +56,11 @@ def evaluate_decoder(
         outputs.append(encoder.encode_image(images.to(device)).float().cpu())
         generated.extend(to_uint8(images))
     embedded, truth = torch.cat(outputs), data[:]["image_embedding"].float()
-    records = [{a: row[a] for a in ATTRIBUTES} for row in rows.select_columns(list(ATTRIBUTES))]
-    accuracy = attribute_accuracy(generated, records, ATTRIBUTES)
-    metrics = {f"{a}_acc": accuracy[a] for a in ATTRIBUTES}
+    metrics = {}
+    if set(ATTRIBUTES) <= set(rows.column_names):  # shapes data: the truth behind every image is known
+        records = [{a: row[a] for a in ATTRIBUTES} for row in rows.select_columns(list(ATTRIBUTES))]
+        accuracy = attribute_accuracy(generated, records, ATTRIBUTES)
+        metrics.update({f"{a}_acc": accuracy[a] for a in ATTRIBUTES})
     metrics["clip_cosine"] = float(F.cosine_similarity(embedded, truth, dim=-1).mean())
     shuffled = truth[derangement(len(truth), generator)]
     metrics["clip_cosine_shuffled"] = float(F.cosine_similarity(embedded, shuffled, dim=-1).mean())

@@ -11,6 +11,7 @@ on an EMA copy of the model. ``unclip-eval`` calls ``prepare_data``, ``load_expo
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,6 +44,21 @@ class Stage(ABC):
     @abstractmethod
     def train_dataset(self) -> Dataset:
         """Map-style dataset of training examples, indexed deterministically."""
+
+    def streams_training_data(self) -> bool:
+        """Whether training reads :meth:`train_stream` (streamed data) instead of :meth:`train_dataset`."""
+        return False
+
+    def train_stream(
+        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[tuple[Any, int]]:
+        """One stream of a streaming source (:mod:`unclip.data.streaming`): ``(example, skipped)`` pairs, each
+        example what :meth:`collate` takes a list of, ``skipped`` the corrupt samples dropped before it."""
+        raise ConfigError(f"the {self.name} stage cannot train on streamed data")
+
+    def skipped_samples(self) -> int:
+        """Corrupt samples dropped while building the cached training split (shown while training)."""
+        return 0
 
     def collate(self, items: list[Any]) -> Any:
         """Batch a list of examples; torch's default stacking unless overridden."""

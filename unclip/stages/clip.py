@@ -2,13 +2,15 @@
 
 Across processes the loss gathers every process's features with gradients (open_clip's
 ``gather_with_grad``), so the similarity matrix — and so the gradient — is that of the global batch: N
-processes train exactly like one process with the same batch. Evaluation is zero-shot colour and shape
+processes train exactly like one process with the same batch. Evaluation is image-text retrieval among the
+held-out pairs (:mod:`unclip.eval.retrieval`) on any data, and on ``shapes`` also zero-shot colour and shape
 classification of held-out images (:mod:`unclip.eval.zero_shot`), on seen and on held-out (colour, shape)
 pairs.
 """
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -19,7 +21,8 @@ from open_clip.loss import ClipLoss
 from torch.utils.data import Dataset
 
 from unclip.clip.model import ClipEncoder
-from unclip.data.sources import load_split, split_names
+from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
+from unclip.eval.retrieval import retrieval_recall
 from unclip.eval.zero_shot import zero_shot_accuracy
 from unclip.stages.base import Stage
 
@@ -80,14 +83,42 @@ class ClipStage(Stage):
         return ClipEncoder.from_config(self.cfg.stage.model)
 
     def prepare_data(self) -> None:
-        self.image_size = self._encoder().image_size
-        self.splits = {s: load_split(self.cfg.data, s, self.image_size) for s in split_names(self.cfg.data)}
+        encoder = self._encoder()
+        self.image_size, self.tokenize = encoder.image_size, encoder.tokenize
+        names = split_names(self.cfg.data)
+        if self.streams_training_data():  # the training split is read shard by shard, never cached
+            names = names[1:]
+        self.splits = {s: load_split(self.cfg.data, s, self.image_size) for s in names}
 
     def build_model(self) -> torch.nn.Module:
         return ClipModule(self._encoder())
 
     def train_dataset(self) -> Dataset:
         return CaptionedImages(self.splits["train"], self._encoder())
+
+    def streams_training_data(self) -> bool:
+        return is_streaming(self.cfg.data)
+
+    def train_stream(
+        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        records = open_stream(
+            self.cfg.data,
+            "train",
+            self.image_size,
+            seed=seed,
+            epoch=epoch,
+            stream_index=stream_index,
+            num_streams=num_streams,
+        )
+        for record in records:
+            tokens = self.tokenize([record["caption"]])[0]
+            yield {"image": image_to_tensor(record["image"]), "tokens": tokens}, record["skipped"]
+
+    def skipped_samples(self) -> int:
+        if "train" not in self.splits:
+            return 0
+        return skipped_samples(self.cfg.data, "train", self.image_size)
 
     def setup(self, accelerator: Any) -> None:
         super().setup(accelerator)
@@ -116,14 +147,17 @@ class ClipStage(Stage):
         metrics: dict[str, float] = {}
         for split in split_names(self.cfg.data)[1:]:
             rows = self.splits[split].select(range(min(self.cfg.stage.eval_images, len(self.splits[split]))))
-            embeddings = []
+            embeddings, texts = [], []
             for start in range(0, len(rows), 256):
                 chunk = rows[start : start + 256]
                 images = torch.stack([image_to_tensor(im) for im in chunk["image"]]).to(device).float() / 255
                 embeddings.append(encoder.encode_image(images))
-            labels = {"colour": rows["colour"], "shape": rows["shape"]}
-            for key, value in zero_shot_accuracy(encoder, torch.cat(embeddings), labels).items():
-                metrics[f"{split}/{key}"] = value
+                texts.append(encoder.encode_text(encoder.tokenize(chunk["caption"]).to(device)).pooled)
+            found = retrieval_recall(torch.cat(embeddings), torch.cat(texts), rows["caption"])
+            if {"colour", "shape"} <= set(rows.column_names):  # shapes: the truth behind every image is known
+                labels = {"colour": rows["colour"], "shape": rows["shape"]}
+                found.update(zero_shot_accuracy(encoder, torch.cat(embeddings), labels))
+            metrics.update({f"{split}/{key}": value for key, value in found.items()})
         return metrics
 
     def export(self, model: torch.nn.Module, folder: Path) -> None:

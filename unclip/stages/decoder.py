@@ -44,6 +44,7 @@ at 0.84 on seen and 0.23 on held-out pairs).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,7 @@ from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
 from unclip.data.sources import cache_root, load_split, split_names
 from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_config
+from unclip.embed import embedded_split, read_manifest, stream_embedded
 from unclip.errors import ConfigError
 from unclip.eval.decoder_eval import evaluate_decoder
 from unclip.models.decoder import DecoderConfig
@@ -135,10 +137,26 @@ class DecoderStage(Stage):
         _check(cfg.stage)
 
     def prepare_data(self) -> None:
-        data, size = self.cfg.data, int(self.cfg.stage.image_size)
+        data, size, precomputed = self.cfg.data, int(self.cfg.stage.image_size), self.cfg.stage.embeddings
         self.encoder = ClipEncoder.load(self.cfg.stage.clip).eval().requires_grad_(False)
         self.clip_fingerprint = self.encoder.fingerprint()
-        self.images = {name: load_split(data, name, size) for name in split_names(data)}
+        if precomputed.path:  # an unclip-embed job's parts: each row carries its image too
+            self.manifest = read_manifest(precomputed.path, self.clip_fingerprint)
+            if self.manifest["image_size"] != size:
+                raise ConfigError(
+                    f"{precomputed.path} stores images at {self.manifest['image_size']} px, not at "
+                    f"stage.image_size={size}: run unclip-embed with image_size={size}"
+                )
+            self.split_names = tuple(self.manifest["splits"])
+            cached = self.split_names[1:] if precomputed.stream else self.split_names
+            self.embedded = {
+                name: embedded_split(precomputed.path, self.manifest, name, cache_root(data))
+                for name in cached
+            }
+            self.images = self.embedded
+            return
+        self.split_names = split_names(data)
+        self.images = {name: load_split(data, name, size) for name in self.split_names}
         self.embedded = {
             name: embed_split(self.encoder, split, cache_root(data)) for name, split in self.images.items()
         }
@@ -159,6 +177,32 @@ class DecoderStage(Stage):
 
     def train_dataset(self) -> Dataset:
         return ImagesWithEmbeddings(self.images["train"], self.embedded["train"])
+
+    def streams_training_data(self) -> bool:
+        return bool(self.cfg.stage.embeddings.path and self.cfg.stage.embeddings.stream)
+
+    def train_stream(
+        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        precomputed = self.cfg.stage.embeddings
+        rows = stream_embedded(
+            precomputed.path,
+            self.manifest,
+            "train",
+            seed=seed,
+            epoch=epoch,
+            stream_index=stream_index,
+            num_streams=num_streams,
+            shuffle_buffer=precomputed.shuffle_buffer,
+            columns=["image", "image_embedding", "token_ids"],
+        )
+        for row in rows:
+            example = {
+                "pixels": torch.tensor(np.asarray(row["image"], dtype=np.uint8)),
+                "image_embedding": torch.tensor(np.asarray(row["image_embedding"], dtype=np.float32)),
+                "token_ids": torch.tensor(np.asarray(row["token_ids"], dtype=np.int64)),
+            }
+            yield example, 0
 
     def collate(self, items: Any) -> dict[str, torch.Tensor]:
         # ImagesWithEmbeddings.__getitems__ already returns a batch; single items are stacked as usual
@@ -185,7 +229,7 @@ class DecoderStage(Stage):
         stage = self.cfg.stage
         modes = [(True, "")] + ([(False, "no_caption/")] if stage.eval_without_caption else [])
         metrics: dict[str, float] = {}
-        for split in split_names(self.cfg.data)[1:]:
+        for split in self.split_names[1:]:
             rows = self.embedded[split]
             rows = rows.select(range(min(stage.eval_images, len(rows))))
             for with_caption, prefix in modes:

@@ -18,10 +18,12 @@ pairs); 8 was worse still.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import datasets
+import numpy as np
 import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
@@ -31,6 +33,7 @@ from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
 from unclip.data.sources import cache_root, load_split, split_names
 from unclip.diffusion import make_schedule
+from unclip.embed import embedded_split, embedding_column, part_files, read_manifest, stream_embedded
 from unclip.errors import ConfigError
 from unclip.eval.prior_eval import evaluate_prior
 from unclip.models.prior import PriorConfig
@@ -101,15 +104,33 @@ class PriorStage(Stage):
         _check(cfg.stage)
 
     def prepare_data(self) -> None:
-        data = self.cfg.data
+        data, precomputed = self.cfg.data, self.cfg.stage.embeddings
         self.encoder = ClipEncoder.load(self.cfg.stage.clip).eval().requires_grad_(False)
         self.clip_fingerprint = self.encoder.fingerprint()
-        self.splits = {
-            name: embed_split(self.encoder, load_split(data, name, self.encoder.image_size), cache_root(data))
-            for name in split_names(data)
-        }
-        images = self.splits["train"].with_format("torch", columns=["image_embedding"])
-        chunks = (batch["image_embedding"] for batch in images.iter(batch_size=4096))
+        if precomputed.path:  # an unclip-embed job's parts
+            self.manifest = read_manifest(precomputed.path, self.clip_fingerprint)
+            self.split_names = tuple(self.manifest["splits"])
+            cached = self.split_names[1:] if precomputed.stream else self.split_names
+            self.splits = {
+                name: embedded_split(precomputed.path, self.manifest, name, cache_root(data))
+                for name in cached
+            }
+            files = part_files(precomputed.path, self.manifest, "train")
+            self.reference = self.splits.get("train") or embedded_split(
+                precomputed.path, self.manifest, "train", cache_root(data), files[:1]
+            )
+            chunks = embedding_column(files, "image_embedding")
+        else:
+            self.split_names = split_names(data)
+            self.splits = {
+                name: embed_split(
+                    self.encoder, load_split(data, name, self.encoder.image_size), cache_root(data)
+                )
+                for name in self.split_names
+            }
+            self.reference = self.splits["train"]
+            images = self.splits["train"].with_format("torch", columns=["image_embedding"])
+            chunks = (batch["image_embedding"] for batch in images.iter(batch_size=4096))
         self.normalizer_state = EmbeddingNormalizer.fit(self.cfg.stage.normalize, chunks).state_dict()
 
     def build_model(self) -> torch.nn.Module:
@@ -128,6 +149,27 @@ class PriorStage(Stage):
 
     def train_dataset(self) -> Dataset:
         return EmbeddedCaptions(self.splits["train"])
+
+    def streams_training_data(self) -> bool:
+        return bool(self.cfg.stage.embeddings.path and self.cfg.stage.embeddings.stream)
+
+    def train_stream(
+        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        precomputed = self.cfg.stage.embeddings
+        rows = stream_embedded(
+            precomputed.path,
+            self.manifest,
+            "train",
+            seed=seed,
+            epoch=epoch,
+            stream_index=stream_index,
+            num_streams=num_streams,
+            shuffle_buffer=precomputed.shuffle_buffer,
+            columns=TRAIN_COLUMNS,
+        )
+        for row in rows:
+            yield {name: torch.tensor(np.asarray(row[name])) for name in TRAIN_COLUMNS}, 0
 
     def collate(self, items: Any) -> dict[str, torch.Tensor]:
         # EmbeddedCaptions.__getitems__ already returns a batch; single items are stacked as usual
@@ -149,11 +191,11 @@ class PriorStage(Stage):
     def evaluate(self, model: torch.nn.Module) -> dict[str, float]:
         generator = torch.Generator().manual_seed(int(self.cfg.seed))
         metrics: dict[str, float] = {}
-        for split in split_names(self.cfg.data)[1:]:
+        for split in self.split_names[1:]:
             rows = self.splits[split]
             rows = rows.select(range(min(self.cfg.stage.eval_captions, len(rows))))
             for key, value in evaluate_prior(
-                model, self.encoder, rows, self.splits["train"], generator=generator
+                model, self.encoder, rows, self.reference, generator=generator
             ).items():
                 metrics[f"{split}/{key}"] = value
         return metrics

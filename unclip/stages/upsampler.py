@@ -43,6 +43,7 @@ this budget while the same network learns sr256 is not yet known.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, default_collate
 
 from unclip.data.degrade import DEGRADATIONS, degrade
-from unclip.data.sources import load_split, split_names
+from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
 from unclip.models.upsampler import UpsamplerConfig
@@ -168,10 +169,9 @@ class UpsamplerStage(Stage):
     def prepare_data(self) -> None:
         data, stage = self.cfg.data, self.cfg.stage
         names = split_names(data)
-        self.images = {name: load_split(data, name, int(stage.image_size)) for name in names}
+        cached = names[1:] if self.streams_training_data() else names  # streamed: train is never cached
+        self.images = {name: load_split(data, name, int(stage.image_size)) for name in cached}
         self.low_res = {name: load_split(data, name, int(stage.low_res_size)) for name in names[1:]}
-        if min(self.images["train"][0]["image"].size) < self.crop:
-            raise ConfigError(f"training images are smaller than the {self.crop} px crops")
 
     def build_model(self) -> torch.nn.Module:
         stage = self.cfg.stage
@@ -184,6 +184,30 @@ class UpsamplerStage(Stage):
 
     def train_dataset(self) -> Dataset:
         return Pictures(self.images["train"])
+
+    def streams_training_data(self) -> bool:
+        return is_streaming(self.cfg.data)
+
+    def train_stream(
+        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[tuple[torch.Tensor, int]]:
+        records = open_stream(
+            self.cfg.data,
+            "train",
+            int(self.cfg.stage.image_size),
+            seed=seed,
+            epoch=epoch,
+            stream_index=stream_index,
+            num_streams=num_streams,
+        )
+        for record in records:
+            pixels = np.asarray(record["image"].convert("RGB"), dtype=np.uint8).copy()
+            yield torch.from_numpy(pixels), record["skipped"]
+
+    def skipped_samples(self) -> int:
+        if "train" not in self.images:
+            return 0
+        return skipped_samples(self.cfg.data, "train", int(self.cfg.stage.image_size))
 
     def collate(self, items: Any) -> torch.Tensor:
         # Pictures.__getitems__ already returns a batch; single items are stacked as usual

@@ -35,6 +35,9 @@ class TrainingState:
 
     step: int
     ema_updates: int
+    # streamed data: the epoch in progress and the step it began at (map-style data derives both from step)
+    epoch: int = 0
+    epoch_start: int = 0
 
 
 def checkpoint_dir(run_dir: Path, step: int) -> Path:
@@ -117,6 +120,8 @@ def save_checkpoint(
         meta = {
             "step": state.step,
             "ema_updates": state.ema_updates,
+            "epoch": state.epoch,
+            "epoch_start": state.epoch_start,
             "optimizer": opt_meta,
             "scaler": scaler,
             "num_processes": accelerator.num_processes,
@@ -170,7 +175,12 @@ def load_checkpoint(
         cuda = [rng[k] for k in sorted(k for k in rng if k.startswith("cuda"))]
         if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
             torch.cuda.set_rng_state_all(cuda)
-    return TrainingState(step=int(meta["step"]), ema_updates=int(meta["ema_updates"]))
+    return TrainingState(
+        step=int(meta["step"]),
+        ema_updates=int(meta["ema_updates"]),
+        epoch=int(meta.get("epoch", 0)),
+        epoch_start=int(meta.get("epoch_start", 0)),
+    )
 
 
 def load_ema_weights(path: Path, model: torch.nn.Module) -> torch.nn.Module:

@@ -7,7 +7,10 @@ splits each of those batches across processes, so N processes with the same glob
 optimisation path as one process.
 
 Data order is a pure function of (seed, epoch): a resumed run skips the batches it has already seen and
-continues exactly where the interrupted one stopped.
+continues exactly where the interrupted one stopped. Map-style data (cached splits) is drawn by a permutation
+of its rows; streamed data (``Stage.train_stream``: WebDataset or embedding shards) by the stream layout of
+:mod:`unclip.data.streaming`, which keeps the same property: the global batch is the same for any number of
+processes. The progress bar and the metrics show how many corrupt samples were skipped (``skipped``).
 """
 
 from __future__ import annotations
@@ -15,18 +18,20 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import torch
 from accelerate import Accelerator
-from accelerate.utils import DataLoaderConfiguration, set_seed
+from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
 from tqdm.auto import tqdm
 
 from unclip.config.schema import validate
-from unclip.errors import CheckpointError, ConfigError
+from unclip.data.streaming import StreamChunks, micro_batches, stream_layout
+from unclip.errors import CheckpointError, ConfigError, DataError
 from unclip.stages import Stage, build_stage
 from unclip.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from unclip.train.ema import EMA
@@ -138,6 +143,72 @@ class Trainer:
         ema.copy_to(model)
         return model.eval()
 
+    def _map_style_loader(self) -> DataLoader:
+        t = self.cfg.trainer
+        dataset = self.stage.train_dataset()
+        loader = DataLoader(
+            dataset,
+            batch_size=self.micro_batch,
+            sampler=EpochSampler(len(dataset), self.cfg.seed),
+            drop_last=True,
+            num_workers=t.num_workers,
+            collate_fn=self.stage.collate,
+            generator=torch.Generator().manual_seed(self.cfg.seed),
+            persistent_workers=t.num_workers > 0,
+        )
+        if len(loader) < t.grad_accum:
+            raise ConfigError(
+                f"the training split has {len(dataset)} examples: fewer than one batch of {t.batch_size}"
+            )
+        return loader
+
+    def _map_style_epoch(self, state: TrainingState) -> Iterator[tuple[Any, int]]:
+        """The rest of the epoch ``state.step`` falls in: a permutation drawn from (seed, epoch), the batches
+        already trained on skipped."""
+        grad_accum = self.cfg.trainer.grad_accum
+        epoch, done_in_epoch = divmod(state.step, len(self._loader) // grad_accum)
+        batches = self._loader
+        if done_in_epoch:
+            batches = self.accelerator.skip_first_batches(batches, done_in_epoch * grad_accum)
+        batches.set_epoch(epoch)  # Accelerate's loader re-seeds the sampler from its own epoch counter
+        for batch in batches:
+            yield batch, 0
+
+    def _stream_chunks(self) -> StreamChunks:
+        """This process's share of the streams (see :mod:`unclip.data.streaming`)."""
+        t, acc = self.cfg.trainer, self.accelerator
+        chunk = stream_layout(t.streams, acc.num_processes, t.num_workers, t.batch_size // t.grad_accum)
+        streams = (t.batch_size // t.grad_accum) // chunk
+        seed = int(self.cfg.seed)
+
+        def open_stream(index: int, epoch: int) -> Iterator[tuple[Any, int]]:
+            return self.stage.train_stream(seed=seed, epoch=epoch, stream_index=index, num_streams=streams)
+
+        mine = list(range(acc.process_index, streams, acc.num_processes))
+        return StreamChunks(open_stream, mine, chunk, self.stage.collate)
+
+    def _streamed_epoch(self, state: TrainingState) -> Iterator[tuple[Any, int]]:
+        """The rest of epoch ``state.epoch`` of the streams; the micro-batches already trained on are read
+        again and dropped, so a resumed run continues with exactly the data it would have seen."""
+        t, acc = self.cfg.trainer, self.accelerator
+        self._chunks.set_epoch(state.epoch)
+        loader = DataLoader(self._chunks, batch_size=None, num_workers=t.num_workers)
+        batches = micro_batches(iter(loader), len(self._chunks.streams))
+        done = (state.step - state.epoch_start) * t.grad_accum
+        for position in range(2**62):
+            item = next(batches, None)
+            if self._any_process(item is None):  # one process out of data ends the epoch for all
+                return
+            if position >= done:
+                batch, skipped = item
+                yield send_to_device(batch, acc.device), skipped
+
+    def _any_process(self, flag: bool) -> bool:
+        if self.accelerator.num_processes == 1:
+            return flag
+        value = torch.tensor([float(flag)], device=self.accelerator.device)
+        return bool(self.accelerator.reduce(value, "sum").item() > 0)
+
     def fit(self) -> dict[str, float]:
         """Train to ``trainer.max_steps``; return the final evaluation metrics."""
         cfg, acc, t = self.cfg, self.accelerator, self.cfg.trainer
@@ -156,31 +227,22 @@ class Trainer:
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
         )
-        dataset = self.stage.train_dataset()
-        sampler = EpochSampler(len(dataset), cfg.seed)
-        loader = DataLoader(
-            dataset,
-            batch_size=self.micro_batch,
-            sampler=sampler,
-            drop_last=True,
-            num_workers=t.num_workers,
-            collate_fn=self.stage.collate,
-            generator=torch.Generator().manual_seed(cfg.seed),
-            persistent_workers=t.num_workers > 0,
-        )
-        if len(loader) < t.grad_accum:
-            raise ConfigError(
-                f"the training split has {len(dataset)} examples: fewer than one batch of {t.batch_size}"
-            )
-        model, optimizer, loader = acc.prepare(model, optimizer, loader)
+        if self.stage.streams_training_data():
+            self._chunks = self._stream_chunks()
+            model, optimizer = acc.prepare(model, optimizer)
+            epoch_batches = self._streamed_epoch
+        else:
+            model, optimizer, self._loader = acc.prepare(model, optimizer, self._map_style_loader())
+            epoch_batches = self._map_style_epoch
         ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
         self.stage.setup(acc)
 
-        step = 0
+        state = TrainingState(step=0, ema_updates=0)
         resume_from = self._resume_path()
         if resume_from is not None:
-            step = load_checkpoint(acc, resume_from, model, ema, optimizer).step
-            acc.print(f"[unclip] resumed from {resume_from} at step {step}")
+            state = load_checkpoint(acc, resume_from, model, ema, optimizer)
+            acc.print(f"[unclip] resumed from {resume_from} at step {state.step}")
+        step = state.step
         if cfg.logger.kind == "wandb":
             acc.init_trackers(
                 cfg.logger.project,
@@ -190,7 +252,6 @@ class Trainer:
                 },
             )
 
-        steps_per_epoch = len(loader) // t.grad_accum
         bar = tqdm(
             total=t.max_steps,
             initial=step,
@@ -199,17 +260,15 @@ class Trainer:
             unit="step",
             dynamic_ncols=True,
         )
+        skipped_before = self.stage.skipped_samples()  # corrupt samples dropped while building caches
+        skipped_streamed = 0  # this process's, since the run (or its resumption) began
         loss_sum = torch.zeros((), device=acc.device)
         loss_count, window_start, window_step = 0, time.perf_counter(), step
         metrics: dict[str, float] = {}
         model.train()
         while step < t.max_steps:
-            epoch, done_in_epoch = divmod(step, steps_per_epoch)
-            batches = (
-                acc.skip_first_batches(loader, done_in_epoch * t.grad_accum) if done_in_epoch else loader
-            )
-            batches.set_epoch(epoch)  # Accelerate's loader re-seeds the sampler from its own epoch counter
-            for batch in batches:
+            for batch, skipped in epoch_batches(state):
+                skipped_streamed += skipped
                 for group in optimizer.param_groups:
                     group["lr"] = learning_rate(cfg, step)
                 with acc.accumulate(model):
@@ -224,6 +283,7 @@ class Trainer:
                 if not acc.sync_gradients:
                     continue
                 step += 1
+                state.step = step
                 unwrapped = acc.unwrap_model(model)
                 self.stage.after_optimizer_step(unwrapped)
                 ema.update(unwrapped)
@@ -231,30 +291,36 @@ class Trainer:
                 if step % t.log_every == 0 or step == t.max_steps:
                     elapsed = time.perf_counter() - window_start
                     images_per_s = (step - window_step) * t.batch_size / max(elapsed, 1e-9)
+                    skipped_total = skipped_before + int(
+                        acc.reduce(torch.tensor(skipped_streamed, device=acc.device), "sum").item()
+                    )
                     record = {
                         "loss": (acc.reduce(loss_sum, "mean") / loss_count).item(),
                         "lr": learning_rate(cfg, step - 1),
                         "images_per_s": images_per_s,
+                        "skipped_samples": skipped_total,
                         **{k: float(v) for k, v in extras.items()},
                     }
-                    bar.set_postfix(loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}")
+                    bar.set_postfix(
+                        loss=f"{record['loss']:.4f}", img_s=f"{images_per_s:.0f}", skipped=skipped_total
+                    )
                     self._log(record, step)
                     loss_sum.zero_()
                     loss_count, window_start, window_step = 0, time.perf_counter(), step
                 if step % t.checkpoint_every == 0 or step == t.max_steps:
-                    save_checkpoint(
-                        acc,
-                        self.run_dir,
-                        model,
-                        ema,
-                        optimizer,
-                        TrainingState(step=step, ema_updates=ema.num_updates),
-                        t.keep_checkpoints,
-                    )
+                    state.ema_updates = ema.num_updates
+                    save_checkpoint(acc, self.run_dir, model, ema, optimizer, state, t.keep_checkpoints)
                 if (t.eval_every and step % t.eval_every == 0) or step == t.max_steps:
                     metrics = self._evaluate(ema, step)
                 if step >= t.max_steps:
                     break
+            else:  # the data ran out: the next epoch begins
+                if step == state.epoch_start:
+                    raise DataError(
+                        f"an epoch of the training data gave no optimizer step: fewer than one batch of "
+                        f"{t.batch_size} examples"
+                    )
+                state.epoch, state.epoch_start = state.epoch + 1, step
         bar.close()
         if self.is_main:
             with torch.random.fork_rng(devices=[]):
