@@ -5,7 +5,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from unclip.data.sources import cache_root, load_split
+from unclip.data.sources import (
+    cache_root,
+    check_source,
+    is_streaming,
+    load_split,
+    skipped_samples,
+    split_names,
+)
 from unclip.errors import ConfigError
 
 
@@ -68,3 +75,12 @@ def test_bad_data_settings_are_named(compose_cfg, override, match):
 def test_unknown_split_is_named(compose_cfg):
     with pytest.raises(ConfigError, match="validation"):
         load_split(_cfg(compose_cfg), "validation", 16)
+
+
+def test_shapes_answers_the_common_source_interface(compose_cfg):
+    data = _cfg(compose_cfg)
+    assert split_names(data) == ("train", "eval_seen", "eval_holdout") and not is_streaming(data)
+    check_source(data)
+    assert skipped_samples(data, "eval_seen", 16) == 0
+    with pytest.raises(ConfigError, match="data.eval_size"):
+        check_source(_cfg(compose_cfg, "data.eval_size=0"))

@@ -1,8 +1,11 @@
-"""Image files in and out: any file Pillow reads becomes an RGB float tensor in [0, 1], and back to PNG.
+"""Image files in and out: any file Pillow reads becomes an RGB image, and back to PNG.
 
-Image variation (Ramesh et al. 2022 §3.1) starts from a user's file, which may be anything a camera, an
-editor or a web page wrote. :func:`load_image` decodes it fully (so a truncated file fails here, not halfway
-through a model), honours the EXIF orientation tag the way viewers do, and maps every pixel mode to RGB:
+This module is the one home of image decoding. Image variation (Ramesh et al. 2022 §3.1) starts from a user's
+file and the data sources (:mod:`unclip.data.sources`) from a user's folder, parquet or tar shards; either may
+hold anything a camera, an editor or a web page wrote. :func:`open_image` decodes it fully (so a truncated
+file fails here, not halfway through a model), refuses an image over a pixel limit before decoding it (a
+decompression bomb) or under a minimum side, and honours the EXIF orientation tag the way viewers do. Then
+every pixel mode maps to RGB:
 
 - alpha (``RGBA``, ``LA``, ``PA``, or a palette / greyscale image with a transparent colour) is composited
   over white, the background a viewer shows;
@@ -10,11 +13,15 @@ through a model), honours the EXIF orientation tag the way viewers do, and maps 
 - 32-bit float greyscale (``F``) is taken to be in [0, 1] already and clipped;
 - every other mode (``1``, ``L``, ``P``, ``CMYK``, ``YCbCr``, ...) goes through Pillow's own RGB conversion.
 
-Anything that is not a readable image raises :class:`DataError` naming the file.
+:func:`load_image` returns the whole picture as a float tensor; :func:`decode_square` returns the
+``resolution`` px square a data source stores (shorter side resized with an antialiased filter, then a centre
+or random crop). Anything unusable raises :class:`ImageDecodeError`, a :class:`DataError` naming the file and
+carrying a short ``reason`` that a data source records when it skips the sample.
 """
 
 from __future__ import annotations
 
+import io
 from pathlib import Path
 
 import numpy as np
@@ -27,6 +34,60 @@ from unclip.io import atomic_write
 
 _ALPHA_MODES = ("RGBA", "RGBa", "LA", "La", "PA")
 _SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N", "I")
+# Pillow's own default limit; Pillow still refuses, by itself, anything over twice its global limit.
+DEFAULT_MAX_PIXELS = 89_478_485
+CROPS = ("center", "random")
+
+
+class ImageDecodeError(DataError):
+    """An image that cannot be used: unreadable, truncated, too many pixels or too small a side."""
+
+    def __init__(self, name: str, reason: str) -> None:
+        super().__init__(f"{name}: {reason}")
+        self.name = name
+        self.reason = reason
+
+
+def open_image(
+    source: bytes | str | Path,
+    *,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = 1,
+    draft: int | None = None,
+) -> Image.Image:
+    """Decode ``source`` (a file's bytes or path) fully and turn it upright, in its own pixel mode.
+
+    ``max_pixels`` and ``min_size`` are checked on the header, before any pixel is decoded. ``draft`` lets a
+    JPEG decode at a reduced scale that keeps both sides at least ``draft`` px (much faster for photos that
+    will be shrunk anyway). ``name`` is what an error calls the image (default: the path).
+    """
+    label = name or (str(source) if isinstance(source, (str, Path)) else "image bytes")
+    try:
+        image = Image.open(io.BytesIO(source) if isinstance(source, bytes) else source)
+    except Exception as err:  # Pillow raises OSError, SyntaxError, DecompressionBombError, ...
+        raise ImageDecodeError(label, f"not a readable image file ({err})") from err
+    try:
+        width, height = image.size
+        if max_pixels is not None and width * height > max_pixels:
+            raise ImageDecodeError(
+                label, f"{width}x{height} = {width * height} pixels is over the limit of {max_pixels}"
+            )
+        if min(width, height) < min_size:
+            raise ImageDecodeError(label, f"{width}x{height} has a side under {min_size} px")
+        if draft and image.format == "JPEG":
+            image.draft(None, (draft, draft))
+        image.load()  # decode everything now: a truncated file fails here
+        upright = ImageOps.exif_transpose(image)
+    except ImageDecodeError:
+        image.close()
+        raise
+    except Exception as err:
+        image.close()
+        raise ImageDecodeError(label, f"not a readable image file ({err})") from err
+    if upright is not image:
+        image.close()
+    return upright
 
 
 def _to_rgb(image: Image.Image) -> np.ndarray:
@@ -49,15 +110,52 @@ def load_image(path: str | Path) -> torch.Tensor:
     path = Path(path)
     if not path.is_file():
         raise DataError(f"image file {path} does not exist")
-    try:
-        with Image.open(path) as image:
-            image.load()  # decode everything now: a truncated file fails here
-            rgb = _to_rgb(ImageOps.exif_transpose(image))
-    except Exception as err:  # Pillow raises OSError, SyntaxError, ValueError, ... for corrupt files
-        raise DataError(f"{path} is not a readable image file: {err}") from err
+    with open_image(path) as image:
+        rgb = _to_rgb(image)
     if min(rgb.shape[:2]) < 1:
         raise DataError(f"{path} is an empty image of size {rgb.shape[1]}x{rgb.shape[0]}")
     return torch.from_numpy(np.ascontiguousarray(rgb)).permute(2, 0, 1)
+
+
+def decode_square(
+    source: bytes | str | Path,
+    resolution: int,
+    *,
+    crop: str = "center",
+    rng: np.random.Generator | None = None,
+    name: str | None = None,
+    max_pixels: int | None = DEFAULT_MAX_PIXELS,
+    min_size: int = 1,
+) -> Image.Image:
+    """Decode ``source`` with :func:`open_image` into an RGB ``resolution`` x ``resolution`` PIL image.
+
+    The shorter side is resized to ``resolution`` (bicubic, antialiased when shrinking) and the longer one
+    cropped: centred, or at a position drawn from ``rng`` when ``crop="random"``. 16-bit and float greyscale
+    is resized at full precision and rounded to 8 bits only at the end.
+    """
+    if crop not in CROPS:
+        raise ValueError(f"crop={crop!r} is not one of {CROPS}")
+    with open_image(source, name=name, max_pixels=max_pixels, min_size=min_size, draft=resolution) as image:
+        width, height = image.size
+        side = min(width, height)
+        left, top = (width - side) // 2, (height - side) // 2
+        if crop == "random":
+            rng = rng if rng is not None else np.random.default_rng()
+            left, top = int(rng.integers(0, width - side + 1)), int(rng.integers(0, height - side + 1))
+        box = (left, top, left + side, top + side)
+        if image.mode in _SIXTEEN_BIT or image.mode == "F":
+            grey = Image.fromarray(np.ascontiguousarray(_to_rgb(image)[..., 0]), "F")
+            grey = grey.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box)
+            levels = np.clip(np.asarray(grey) * 255.0, 0, 255).round().astype(np.uint8)
+            return Image.fromarray(levels, "L").convert("RGB")
+        if image.mode in _ALPHA_MODES or "transparency" in image.info:
+            rgba = image.convert("RGBA")
+            rgb = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba).convert(
+                "RGB"
+            )
+        else:
+            rgb = image.convert("RGB")
+        return rgb.resize((resolution, resolution), Image.Resampling.BICUBIC, box=box, reducing_gap=3.0)
 
 
 def fit_square(images: torch.Tensor, size: int) -> torch.Tensor:

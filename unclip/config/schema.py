@@ -39,6 +39,61 @@ class ShapesDataConfig(DataConfig):
     holdout: list[list[str]] = field(default_factory=lambda: [list(pair) for pair in shapes.DEFAULT_HOLDOUT])
 
 
+@dataclass
+class ImageDataConfig(DataConfig):
+    """What every source of the user's own captioned images shares (``folder``, ``parquet``, ``webdataset``).
+
+    Their ``eval`` split holds out the samples whose key hashes under ``eval_fraction`` (so a growing dataset
+    keeps its eval rows and train never sees them) and evaluates at most ``eval_size`` of them; an explicit
+    eval source (``eval_path`` / ``eval_urls``) replaces the hold-out.
+    """
+
+    eval_fraction: float = 0.05
+    eval_size: int = 500
+    # decompression-bomb limit, checked before decoding (Pillow's default); a larger image is skipped and
+    # counted. Pillow by itself still refuses more than twice its own global limit.
+    max_image_pixels: int = 89_478_485
+    min_image_size: int = 16  # an image with a shorter side is skipped and counted
+
+
+@dataclass
+class FolderDataConfig(ImageDataConfig):
+    """A folder (searched recursively) of images with ``metadata.jsonl``/``.csv`` or same-name ``.txt``."""
+
+    source: str = "folder"
+    path: str = MISSING
+    captions: str = "auto"  # auto (metadata file if there is one, else .txt) | metadata | txt
+    caption_column: str | None = None  # metadata column; null: the first of caption, text
+    eval_path: str | None = None  # a folder laid out the same way, used as the eval split
+
+
+@dataclass
+class ParquetDataConfig(ImageDataConfig):
+    """Parquet file(s): ``path`` is a file, a folder or a glob; an image cell is bytes, a {bytes, path}
+    struct or a path relative to its parquet file."""
+
+    source: str = "parquet"
+    path: str = MISSING
+    image_column: str = "image"
+    caption_column: str | None = None  # null: the first of caption, text
+    key_column: str | None = None  # a column of stable sample ids; null: <file stem>-<row number>
+    eval_path: str | None = None  # parquet file(s) used as the eval split
+
+
+@dataclass
+class WebDatasetDataConfig(ImageDataConfig):
+    """Tar shards (WebDataset layout: <key>.jpg|jpeg|png|webp + <key>.txt|json), local paths or URLs, with
+    brace ranges ({00000..00099}) and globs."""
+
+    source: str = "webdataset"
+    urls: list[str] = MISSING
+    eval_urls: list[str] = field(default_factory=list)  # shards used as the eval split; []: hash hold-out
+    caption_key: str = "txt"  # txt, or json.<field> (json.a.b for a nested field)
+    streaming: bool = True  # false: the train split is materialised into the cache like a folder
+    shuffle_buffer: int = 1000  # streamed examples (still compressed) shuffled in a buffer; 0: no shuffling
+    crop: str = "center"  # center | random (streamed train only; materialised splits are centre-cropped)
+
+
 # --------------------------------------------------------------------------------------------------- models
 
 
@@ -409,7 +464,12 @@ STAGE_SCHEMAS: dict[str, type[StageConfig]] = {
     "sr256": UpsamplerStageConfig,
     "sr1024": UpsamplerStageConfig,
 }
-DATA_SCHEMAS: dict[str, type[DataConfig]] = {"shapes": ShapesDataConfig}
+DATA_SCHEMAS: dict[str, type[DataConfig]] = {
+    "shapes": ShapesDataConfig,
+    "folder": FolderDataConfig,
+    "parquet": ParquetDataConfig,
+    "webdataset": WebDatasetDataConfig,
+}
 
 
 @dataclass
