@@ -44,8 +44,10 @@ class Interrupt(Exception):
     pass
 
 
-def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_path, monkeypatch):
-    # 128 examples / micro-batch 8 with 2 accumulation steps: 8 optimizer steps per epoch; stop mid-epoch 2
+@pytest.mark.parametrize("source", ["shapes", "webdataset"])
+def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_path, monkeypatch, source):
+    # shapes: 128 examples / micro-batch 8 with 2 accumulation steps: 8 optimizer steps per epoch; stop
+    # mid-epoch 2. webdataset: ~51 streamed training examples in 2 streams, 3 steps an epoch; stop mid-epoch 4
     overrides = [
         *FAST_CLIP,
         "trainer.max_steps=12",
@@ -53,6 +55,15 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_pat
         "trainer.grad_accum=2",
         "trainer.eval_every=5",
     ]
+    if source == "webdataset":
+        pattern = write_shards(tmp_path / "shards", shards=4, per_shard=16)
+        overrides = [o for o in overrides if not o.startswith("data.")]
+        overrides += [
+            "data=webdataset",
+            f"data.urls=['{pattern}']",
+            "data.eval_fraction=0.2",
+            "trainer.streams=2",
+        ]
     Trainer(compose_cfg(overrides), tmp_path / "straight").fit()
 
     original = checkpoint_module.save_checkpoint
@@ -74,6 +85,9 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_pat
         b = load_tensors(tmp_path / "broken" / "checkpoints" / "step_00000012" / name)
         assert a.keys() == b.keys()
         assert all(torch.equal(a[k], b[k]) for k in a), name
+    if source == "webdataset":  # the streams ran out and restarted several times, resumed mid-epoch
+        state = json.loads((tmp_path / "broken" / "checkpoints" / "step_00000012" / "state.json").read_text())
+        assert state["epoch"] >= 3
 
 
 def test_checkpoint_write_killed_midway_leaves_previous_loadable(compose_cfg, tmp_path, monkeypatch):

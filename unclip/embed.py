@@ -14,7 +14,8 @@ A part is written to ``<out>/<split>/part-NNNNN.parquet`` through a temporary na
 settings, embeds only the parts still missing and ends with the same files as an uninterrupted one. The
 settings (CLIP fingerprint, data config, sizes) are recorded in ``<out>/job.json`` before any work: the same
 folder with another CLIP or other data is refused, never overwritten. When every part is done the main process
-writes ``<out>/manifest.json``, which the prior and decoder stages read (``stage.embeddings=<out>``).
+writes ``<out>/manifest.json``, which the prior and decoder stages read (``stage.embeddings.path=<out>``); it
+also counts, per split, the corrupt samples skipped on the way (``skipped``).
 
 Each row: ``key``, ``caption``, the :data:`unclip.clip.cache.EMBEDDING_COLUMNS` with captions padded to the
 CLIP's context length, the source's own attribute columns (``shapes``: colour, shape, ...) and, unless
@@ -39,7 +40,7 @@ from tqdm.auto import tqdm
 
 from unclip.clip.cache import embed_batch
 from unclip.clip.model import ClipEncoder
-from unclip.data.sources import is_streaming, load_split, open_stream, split_names
+from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError, DataError
 from unclip.io import atomic_write, write_text
 
@@ -118,15 +119,18 @@ def _records(
         yield row
 
 
-def _embed_part(cfg: DictConfig, encoder: ClipEncoder, part: Part, splits: dict[str, Any], out: Path) -> int:
-    """Embed one part into its parquet file; return its row count."""
+def _embed_part(
+    cfg: DictConfig, encoder: ClipEncoder, part: Part, splits: dict[str, Any], out: Path
+) -> dict[str, int]:
+    """Embed one part into its parquet file; return its row count and the corrupt samples its stream
+    skipped (a cached split's are counted once, when it was built)."""
     clip_rows = _records(cfg, part, splits, encoder.image_size)
     pixel_rows = _records(cfg, part, splits, cfg.image_size) if cfg.image_size else None
     writer: pq.ParquetWriter | None = None
-    rows = 0
+    rows = skipped = 0
 
     def write(tmp: Path) -> None:
-        nonlocal writer, rows
+        nonlocal writer, rows, skipped
         while batch := list(islice(clip_rows, cfg.batch_size)):
             columns = embed_batch(
                 encoder, [r["image"] for r in batch], [r["caption"] for r in batch], encoder.context_length
@@ -150,6 +154,7 @@ def _embed_part(cfg: DictConfig, encoder: ClipEncoder, part: Part, splits: dict[
                 writer = pq.ParquetWriter(tmp, arrow.schema)
             writer.write_table(arrow)
             rows += len(batch)
+            skipped += sum(int(r.get("skipped", 0)) for r in batch)
         if writer is None:
             raise DataError(
                 f"{part.split} part {part.index} of {cfg.data.source} data has no readable samples"
@@ -157,7 +162,7 @@ def _embed_part(cfg: DictConfig, encoder: ClipEncoder, part: Part, splits: dict[
         writer.close()
 
     atomic_write(part.path(out), write)
-    return rows
+    return {"rows": rows, "skipped": skipped}
 
 
 def embed_source(cfg: DictConfig, accelerator: Any) -> dict[str, Any]:
@@ -186,16 +191,18 @@ def embed_source(cfg: DictConfig, accelerator: Any) -> dict[str, Any]:
     todo = [p for p in mine if not p.path(out).with_suffix(".json").is_file()]
     bar = tqdm(todo, desc=f"embed (process {accelerator.process_index})", disable=not cfg.progress)
     for part in bar:
-        rows = _embed_part(cfg, encoder, part, splits, out)
-        write_text(part.path(out).with_suffix(".json"), json.dumps({"rows": rows}))
+        counts = _embed_part(cfg, encoder, part, splits, out)
+        write_text(part.path(out).with_suffix(".json"), json.dumps(counts))
     accelerator.wait_for_everyone()
     manifest = {**settings, "splits": {}}
     for name in split_names(cfg.data):
         files = sorted(p.path(out) for p in parts if p.split == name)
-        counts = [json.loads(f.with_suffix(".json").read_text())["rows"] for f in files]
+        counts = [json.loads(f.with_suffix(".json").read_text()) for f in files]
+        cached = 0 if splits[name] is None else skipped_samples(cfg.data, name, encoder.image_size)
         manifest["splits"][name] = {
-            "rows": sum(counts),
-            "parts": [{"file": str(f.relative_to(out)), "rows": n} for f, n in zip(files, counts)],
+            "rows": sum(c["rows"] for c in counts),
+            "skipped": cached + sum(c["skipped"] for c in counts),
+            "parts": [{"file": str(f.relative_to(out)), "rows": c["rows"]} for f, c in zip(files, counts)],
         }
     if accelerator.is_main_process:
         write_text(out / "manifest.json", json.dumps(manifest, indent=2))

@@ -31,7 +31,7 @@ from torch.utils.data import Dataset, default_collate
 
 from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
-from unclip.data.sources import cache_root, load_split, split_names
+from unclip.data.sources import cache_root, load_split, skipped_samples, split_names
 from unclip.diffusion import make_schedule
 from unclip.embed import embedded_split, embedding_column, part_files, read_manifest, stream_embedded
 from unclip.errors import ConfigError
@@ -149,6 +149,11 @@ class PriorStage(Stage):
 
     def train_dataset(self) -> Dataset:
         return EmbeddedCaptions(self.splits["train"])
+
+    def skipped_samples(self) -> int:
+        if self.cfg.stage.embeddings.path:
+            return int(self.manifest["splits"]["train"].get("skipped", 0))  # counted by unclip-embed
+        return skipped_samples(self.cfg.data, "train", self.encoder.image_size)
 
     def streams_training_data(self) -> bool:
         return bool(self.cfg.stage.embeddings.path and self.cfg.stage.embeddings.stream)
