@@ -498,7 +498,7 @@ def _dalle2_cascade(width: int, low_size: int, steps: int):
 
 def dalle2_w5(device, precision, low_size, batch, steps, target, compile) -> Candidate:
     best = None
-    for width in range(4, 41, 2):
+    for width in range(4, 41, 2):  # even: its sinusoidal time embedding needs an even width
         torch.manual_seed(0)
         decoder = _dalle2_cascade(width, low_size, steps)
         gap = abs(decoder.sr_params - target) / target
@@ -506,7 +506,10 @@ def dalle2_w5(device, precision, low_size, batch, steps, target, compile) -> Can
             best = (gap, decoder, width)
     gap, decoder, width = best
     if gap > PARAM_TOLERANCE:
-        raise Unavailable(f"no width within {PARAM_TOLERANCE:.0%} of {target} parameters")
+        raise Unavailable(
+            f"no width within {PARAM_TOLERANCE:.0%} of {target} parameters "
+            f"(closest {decoder.sr_params} at width {width})"
+        )
     decoder = decoder.to(device).eval()
     if compile:
         decoder.unets[1].compile()

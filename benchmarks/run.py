@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6,W7")
     parser.add_argument(
-        "--quick", action="store_true", help="W1-fp32 and W3 (10 steps) only, 2 repeats, no FLOP count"
+        "--quick", action="store_true", help="W1-fp32 and W3 (5 steps) only, 2 repeats, no FLOP count"
     )
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=0.0, help="least length of one timed round")
@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.precision is None:
         args.precision = "bf16" if device.type == "cuda" else "fp32"
     if args.quick:
-        args.workloads, args.repeats, args.decoder_steps = "W1-fp32,W3", min(args.repeats, 2), 10
+        args.workloads, args.repeats, args.decoder_steps = "W1-fp32,W3", min(args.repeats, 2), 5
     count_flops = not args.quick
 
     info = host_info(device)
