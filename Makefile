@@ -8,7 +8,7 @@ VENV ?= $(HOME)/.cache/unclip/venv-$(DEPS_HASH)
 BIN := $(VENV)/bin
 export PATH := $(BIN):$(PATH)
 
-.PHONY: setup demo test test-fast lint format clean-runs
+.PHONY: setup demo test test-fast lint format clean-runs bench-setup bench bench-quick
 
 $(VENV)/.deps-installed: pyproject.toml
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -42,3 +42,25 @@ format: setup
 
 clean-runs:
 	rm -rf runs outputs multirun
+
+# Speed against the peers (benchmarks/README.md). The peers (diffusers, dalle2-pytorch) live in their own
+# environment so they never leak into the tests; it has the same torch as the main one.
+BENCH_VENV ?= $(HOME)/.cache/unclip/bench-venv-$(DEPS_HASH)
+BENCH_ARGS ?=
+
+$(BENCH_VENV)/.deps-installed: pyproject.toml
+	@test -x $(BENCH_VENV)/bin/python || $(PYTHON) -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install --quiet --upgrade pip setuptools wheel
+	$(BENCH_VENV)/bin/python -m pip install --quiet -e ".[bench]"
+	$(BENCH_VENV)/bin/python -c "import torch, diffusers, dalle2_pytorch; print('torch', torch.__version__, '| diffusers', diffusers.__version__, '| dalle2-pytorch ok')"
+	touch $@
+
+bench-setup: $(BENCH_VENV)/.deps-installed
+	@$(BENCH_VENV)/bin/python -m pip install --quiet --no-deps --no-build-isolation -e . >/dev/null
+	@echo "benchmark environment: $(BENCH_VENV)"
+
+bench: bench-setup
+	$(BENCH_VENV)/bin/python -m benchmarks.run $(BENCH_ARGS)
+
+bench-quick: bench-setup
+	$(BENCH_VENV)/bin/python -m benchmarks.run --quick $(BENCH_ARGS)

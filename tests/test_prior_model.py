@@ -6,7 +6,7 @@ import pytest
 import torch
 
 from unclip.errors import ConfigError
-from unclip.models.prior import PriorConfig, PriorTransformer, concat_conditions
+from unclip.models.prior import PriorConfig, PriorTransformer, concat_conditions, timestep_embedding
 
 D, D_TEXT, L = 16, 12, 7
 
@@ -107,6 +107,52 @@ def test_encode_condition_once_equals_building_per_step():
     for step in (999, 500, 0):
         t = torch.full((3,), step)
         assert torch.equal(prior(inp["x_t"], t, cond), _run(prior, {**inp, "t": t}))
+
+
+def _whole_sequence(prior: PriorTransformer, x_t: torch.Tensor, t: torch.Tensor, cond) -> torch.Tensor:
+    """The §2.2 network read literally: the whole sequence through every layer, the query's output read."""
+    cfg, pos = prior.config, prior.pos[prior.config.max_text_tokens + 1 :]
+    time = prior.time_mlp(timestep_embedding(t * (1000.0 / cfg.num_timesteps), cfg.width)) + pos[0]
+    query = (prior.query + pos[2]).expand(len(x_t), -1)
+    extra = torch.stack([cond.text, time, prior.image_proj(x_t) + pos[1], query], dim=1)
+    h = torch.cat([cond.tokens, extra], dim=1)
+    for block in prior.blocks:
+        h = block(h, cond.attn_mask)
+    return prior.out_proj(prior.ln_out(h[:, -1]))
+
+
+def test_prefix_keys_values_give_the_whole_sequence_output():
+    """Attending to the caption prefix's keys and values (computed here or cached once for every step) is
+    the network run over the whole sequence, padded captions and dropped ones included."""
+    prior, inp = _prior(), _inputs()
+    drop = torch.tensor([False, True, False])
+    cond = prior.encode_condition(**_caption(inp), drop_caption=drop)
+    cached = prior.cache_prefix(cond)
+    assert len(cached.prefix) == prior.config.layers
+    for step in (999, 500, 0):
+        t = torch.full((3,), step)
+        reference = _whole_sequence(prior, inp["x_t"], t, cond)
+        assert torch.allclose(prior(inp["x_t"], t, cond), reference, atol=1e-5)
+        assert torch.allclose(prior(inp["x_t"], t, cached), reference, atol=1e-5)
+    both = prior.cache_prefix(concat_conditions(cond, prior.null_condition(3)))
+    x2, t2 = torch.cat([inp["x_t"]] * 2), torch.cat([inp["t"]] * 2)
+    assert torch.allclose(
+        prior(x2, t2, both), _whole_sequence(prior, x2, t2, concat_conditions(cond, prior.null_condition(3)))
+    )
+
+
+def test_prefix_gradients_match_the_whole_sequence():
+    """Training through the two-part forward gives the whole-sequence gradients."""
+    prior, inp = _prior(), _inputs()
+    prior.train()
+    grads = []
+    for forward in (prior, lambda x, t, c: _whole_sequence(prior, x, t, c)):
+        prior.zero_grad()
+        cond = prior.encode_condition(**_caption(inp))
+        forward(inp["x_t"], inp["t"], cond).square().sum().backward()
+        grads.append([torch.zeros_like(p) if p.grad is None else p.grad.clone() for p in prior.parameters()])
+    for a, b in zip(*grads):
+        assert torch.allclose(a, b, atol=1e-5)
 
 
 def test_batched_guidance_matches_separate_forwards():

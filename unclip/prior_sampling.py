@@ -19,13 +19,12 @@ import math
 from collections.abc import Iterable, Mapping
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from unclip.clip.model import TextEncoding
 from unclip.diffusion import (
     GaussianDiffusion,
     check_sampler_settings,
@@ -36,6 +35,9 @@ from unclip.diffusion import (
 from unclip.errors import CheckpointError, ConfigError
 from unclip.io import load_state_strict, read_component_config, save_tensors, write_yaml
 from unclip.models.prior import PriorCondition, PriorConfig, PriorTransformer, concat_conditions
+
+if TYPE_CHECKING:  # only a type here: sampling needs no open_clip (the GPU benchmark runs without it)
+    from unclip.clip.model import TextEncoding
 
 COMPONENT_KIND = "prior"
 NORMALIZATIONS = ("zscore", "unit_scale")
@@ -245,12 +247,13 @@ def sample_prior(
     cond = encode(text)
     scale = float(options["guidance_scale"])
     if scale == 1.0:
+        cond = net.cache_prefix(cond)  # the caption's keys and values, once for every step
         model_fn = lambda x, t: net(x, t, cond)  # noqa: E731
     else:
         if negative is not None and len(negative.pooled) != batch:
             raise ConfigError(f"{len(negative.pooled)} negative captions for {batch} captions")
         uncond = net.null_condition(batch * n) if negative is None else encode(negative)
-        doubled = concat_conditions(cond, uncond)
+        doubled = net.cache_prefix(concat_conditions(cond, uncond))
         model_fn = classifier_free_guidance(lambda x, t: net(x, t, doubled), scale)
     x = sample(
         prior.diffusion,

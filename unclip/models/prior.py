@@ -22,10 +22,22 @@ Choices the paper leaves open, and why:
   so padded (or dropped) tokens cannot change any other output. The four non-caption tokens have fixed
   positional slots after ``max_text_tokens`` caption slots, so the output does not depend on how far a
   caption was padded: conditions of different lengths can be concatenated into one batch.
+
+The causal mask makes the network cheaper than its sequence length suggests. The caption tokens and the
+pooled text embedding come first, so they attend only to one another: their hidden states, and so their keys
+and values in every layer, do not depend on x_t or t (the *prefix*). The network therefore runs in two parts:
+:meth:`PriorTransformer.prefix_keys_values` takes the prefix through the layers once, keeping each layer's
+keys and values, and the three timestep-dependent tokens (timestep, x_t, query) attend to them -- the
+key/value caching of autoregressive decoders (e.g. Pope et al. 2022, "Efficiently Scaling Transformer
+Inference", §2). A sampler caches the prefix once (:meth:`PriorTransformer.cache_prefix`) and each of its
+steps then runs 3 tokens instead of L + 4; training runs both parts per step and still skips the last
+layer's attention output and MLP on the prefix, which nothing reads. The outputs equal those of running the
+whole sequence through every layer.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from dataclasses import dataclass
 
@@ -100,12 +112,15 @@ class PriorCondition:
     ``token_mask`` (B, L) bool: True for a real caption token; False for padding and for dropped captions.
     ``text`` (B, width): projected pooled text embedding (or the null one) with its positional embedding.
     ``attn_mask`` (B, 1, L + 4, L + 4) bool: True where a query may attend to a key (causal and padding).
+    ``prefix``: per layer, the keys and values (each (B, heads, L + 1, width / heads)) of the caption tokens
+    and the text embedding, once :meth:`PriorTransformer.cache_prefix` has computed them; None until then.
     """
 
     tokens: Tensor
     token_mask: Tensor
     text: Tensor
     attn_mask: Tensor
+    prefix: tuple[tuple[Tensor, Tensor], ...] | None = None
 
     @property
     def batch_size(self) -> int:
@@ -157,7 +172,8 @@ def timestep_embedding(t: Tensor, dim: int, max_period: float = 10000.0) -> Tens
 
 
 class SelfAttention(nn.Module):
-    """Multi-head self-attention through ``F.scaled_dot_product_attention`` with a boolean mask."""
+    """Multi-head self-attention through ``F.scaled_dot_product_attention`` with a boolean mask, in two
+    halves so that a cached prefix's keys and values can be prepended (see the module docstring)."""
 
     def __init__(self, width: int, heads: int, dropout: float) -> None:
         super().__init__()
@@ -166,13 +182,21 @@ class SelfAttention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+    def project(self, x: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """Queries, keys and values (B, heads, S, width / heads) of the (normalised) x (B, S, width)."""
         batch, seq, width = x.shape
         q, k, v = self.qkv(x).view(batch, seq, 3, self.heads, width // self.heads).permute(2, 0, 3, 1, 4)
+        return q, k, v
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
+        """The projected attention output (B, S_q, width) of queries q over keys k and values v."""
         out = F.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
         )
-        return self.proj(out.transpose(1, 2).reshape(batch, seq, width))
+        return self.proj(out.transpose(1, 2).flatten(2))
+
+    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        return self.attend(*self.project(x), attn_mask)
 
 
 class Block(nn.Module):
@@ -186,8 +210,13 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        x = x + self.drop(self.attn(self.ln_attn(x), attn_mask))
+    def forward(self, x: Tensor, attn_mask: Tensor, past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+        """``past``: keys and values of earlier positions (the cached prefix) that x's queries also see;
+        ``attn_mask`` then spans them followed by x's own positions."""
+        q, k, v = self.attn.project(self.ln_attn(x))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -279,17 +308,43 @@ class PriorTransformer(nn.Module):
             attn_mask=_attention_mask(token_mask),
         )
 
+    def prefix_keys_values(self, cond: PriorCondition) -> tuple[tuple[Tensor, Tensor], ...]:
+        """Per layer, the keys and values of the prefix (caption tokens, then the text embedding), which the
+        causal mask makes independent of x_t and t. The last layer's prefix outputs are never read, so only
+        its keys and values are computed."""
+        if cond.prefix is not None:
+            return cond.prefix
+        h = torch.cat([cond.tokens, cond.text[:, None]], dim=1)
+        size = h.shape[1]
+        mask = cond.attn_mask[..., :size, :size]
+        cache = []
+        for i, block in enumerate(self.blocks):
+            q, k, v = block.attn.project(block.ln_attn(h))
+            cache.append((k, v))
+            if i + 1 < len(self.blocks):
+                h = h + block.drop(block.attn.attend(q, k, v, mask))
+                h = h + block.drop(block.mlp(block.ln_mlp(h)))
+        return tuple(cache)
+
+    def cache_prefix(self, cond: PriorCondition) -> PriorCondition:
+        """``cond`` with its prefix keys and values computed, for a sampler to reuse at every step."""
+        return dataclasses.replace(cond, prefix=self.prefix_keys_values(cond))
+
     def forward(self, x_t: Tensor, t: Tensor, cond: PriorCondition) -> Tensor:
-        """Predict x0 (B, D) from ``x_t`` (B, D) at timesteps ``t`` (B,), given ``cond``."""
+        """Predict x0 (B, D) from ``x_t`` (B, D) at timesteps ``t`` (B,), given ``cond``: the timestep, x_t
+        and query tokens attend to the prefix's keys and values (cached in ``cond`` or computed here) and to
+        one another, causally."""
         cfg = self.config
         if cond.batch_size != x_t.shape[0]:
             raise ValueError(f"cond has batch {cond.batch_size} but x_t has batch {x_t.shape[0]}")
+        prefix = self.prefix_keys_values(cond)
         extra_pos = self.pos[cfg.max_text_tokens + 1 :]
         t_feat = timestep_embedding(t * (1000.0 / cfg.num_timesteps), cfg.width).to(x_t.dtype)
         time = self.time_mlp(t_feat) + extra_pos[0]
         image = self.image_proj(x_t) + extra_pos[1]
         query = (self.query + extra_pos[2]).expand(x_t.shape[0], -1)
-        h = torch.cat([cond.tokens, torch.stack([cond.text, time, image, query], dim=1)], dim=1)
-        for block in self.blocks:
-            h = block(h, cond.attn_mask)
+        h = torch.stack([time, image, query], dim=1)
+        mask = cond.attn_mask[..., -(_NUM_EXTRA_TOKENS - 1) :, :]
+        for block, past in zip(self.blocks, prefix):
+            h = block(h, mask, past)
         return self.out_proj(self.ln_out(h[:, -1]))

@@ -1,0 +1,1 @@
+"""Speed benchmarks against peer implementations (``python -m benchmarks.run``); not part of the tests."""
