@@ -13,7 +13,7 @@ mkdir -p "$dest"
 wheels=(
   # diffusers and what it imports that the GPU machine may lack or have too old (huggingface_hub >= 1.32)
   diffusers==0.42.1 importlib_metadata zipp huggingface_hub==2.4.0 httpx2==2.16.2 httpcore2==2.16.2
-  h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 hf-xet click fsspec
+  h11==0.16.0 anyio==4.16.0 sniffio==1.3.1 hf-xet click fsspec truststore
   # dalle2-pytorch and its import-time dependencies
   dalle2-pytorch==1.15.6 CoCa-pytorch==0.1.0 ema-pytorch==0.8.3 kornia==0.9.0 kornia_rs==0.2.0
   x-clip==0.14.4 beartype==0.23.1 ftfy==6.3.1 wcwidth==0.9.4 resize-right==0.0.2

@@ -67,6 +67,24 @@ def run_sample_cli(args: list[str], cwd) -> subprocess.CompletedProcess:
     )
 
 
+def run_cli_in_process(main, argv: list[str], cwd: Path, monkeypatch, capsys) -> tuple[int, str]:
+    """Run a console script's ``main`` in this process with ``argv`` (its name first) from ``cwd``: what
+    its subprocess tests check (exit status, stderr) without a new Python and torch import per case.
+    Returns (exit status, stderr)."""
+    monkeypatch.chdir(cwd)
+    monkeypatch.setattr(sys, "argv", argv)
+    GlobalHydra.instance().clear()
+    capsys.readouterr()
+    try:
+        main()
+        code = 0
+    except SystemExit as exit_:
+        code = exit_.code if isinstance(exit_.code, int) else 1
+    finally:
+        GlobalHydra.instance().clear()
+    return code, capsys.readouterr().err
+
+
 def _save_tiny_clip(folder: Path, seed: int) -> str:
     torch.manual_seed(seed)
     ClipEncoder("tiny-test", None, TINY_ARCH).save(folder)

@@ -10,11 +10,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from tests.conftest import TINY_ARCH, run_sample_cli
+from tests.conftest import TINY_ARCH, run_cli_in_process, run_sample_cli
 from tests.test_decoder_stage import small_decoder
 from tests.test_pipeline import SAMPLING
 from tests.test_upsampler_stage import small_upsampler
 from tests.test_variation import _randomised
+from unclip.cli.sample import main as sample_main
 from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError, ConfigError
 from unclip.images import load_image, save_png
@@ -250,9 +251,14 @@ def test_sample_cli_interpolation_text_diff_and_variation(folder, tmp_path):
         (["prompt=a red star", "sr256.stepz=3"], "stepz"),
     ],
 )
-def test_sample_cli_bad_input_is_one_line(folder, tmp_path, args, message):
-    result = run_sample_cli(
-        [f"pipeline={folder}", *args, "progress=false", f"out={tmp_path / 'o'}"], tmp_path
-    )
-    assert result.returncode != 0
-    assert message in result.stderr and "Traceback" not in result.stderr
+def test_sample_cli_bad_input_is_one_line(folder, tmp_path, args, message, monkeypatch, capsys):
+    argv = ["unclip-sample", f"pipeline={folder}", *args, "progress=false", f"out={tmp_path / 'o'}"]
+    code, stderr = run_cli_in_process(sample_main, argv, tmp_path, monkeypatch, capsys)
+    assert code != 0
+    assert message in stderr and "Traceback" not in stderr
+
+
+def test_sample_console_script_exits_1_with_one_line(folder, tmp_path):
+    result = run_sample_cli([f"pipeline={folder}", "interpolate=[a.png]", f"out={tmp_path / 'o'}"], tmp_path)
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1].startswith("error:") and "Traceback" not in result.stderr

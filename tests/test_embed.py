@@ -119,8 +119,7 @@ def _stage_cfg(stage: str, clip: str, out: Path, *overrides: str):
     )
 
 
-@pytest.mark.parametrize("stage", ["prior", "decoder"])
-@pytest.mark.parametrize("stream", [False, True])
+@pytest.mark.parametrize(("stage", "stream"), [("prior", False), ("decoder", True)])
 def test_prior_and_decoder_train_on_the_parts(embedded, clip_dirs, tmp_path, stage, stream):
     cfg = _stage_cfg(
         stage,

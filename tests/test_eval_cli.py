@@ -10,8 +10,9 @@ from pathlib import Path
 
 import pytest
 
-from tests.conftest import FAST_CLIP, REPO
+from tests.conftest import FAST_CLIP, REPO, run_cli_in_process
 from tests.test_prior_stage import FAST_PRIOR
+from unclip.cli.evaluate import main as evaluate_main
 
 
 def _run(module: str, args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -88,8 +89,17 @@ def test_eval_applies_new_settings_and_writes_out(runs, tmp_path):
         (["{prior}", "--checkpoint", "{clip}/checkpoints/step_00000003"], "does not fit this model"),
     ],
 )
-def test_eval_refuses_bad_input_in_one_line(runs, args, message):
+def test_eval_refuses_bad_input_in_one_line(runs, args, message, monkeypatch, capsys):
     clip, prior = runs
-    done = _evaluate(prior.parent, [a.format(prior=prior, clip=clip) for a in args])
+    argv = [a.format(prior=prior, clip=clip) for a in args]
+    code, stderr = run_cli_in_process(
+        lambda: evaluate_main(argv), ["unclip-eval"], prior.parent, monkeypatch, capsys
+    )
+    assert code == 1
+    assert stderr.startswith("error:") and message in stderr
+
+
+def test_eval_console_script_exits_1_with_one_line(runs):
+    done = _evaluate(runs[1].parent, ["nowhere"])
     assert done.returncode == 1
-    assert done.stderr.startswith("error:") and message in done.stderr
+    assert done.stderr.startswith("error:") and "not an unclip-train run folder" in done.stderr

@@ -7,7 +7,8 @@ import json
 import pytest
 import torch
 
-from tests.conftest import TINY_ARCH, run_sample_cli
+from tests.conftest import TINY_ARCH, run_cli_in_process, run_sample_cli
+from unclip.cli.sample import main as sample_main
 from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError
 from unclip.io import load_tensors, write_yaml
@@ -90,8 +91,9 @@ def test_sample_cli_writes_embeddings_and_a_sidecar_that_regenerates_them(compon
         (["pipeline=/no/such/folder", "prompt=a red star"], "does not exist"),
     ],
 )
-def test_sample_cli_bad_input_is_one_line(components, tmp_path, args, message):
+def test_sample_cli_bad_input_is_one_line(components, tmp_path, args, message, monkeypatch, capsys):
     folder = assemble(tmp_path / "pipe", {"clip": components / "clip", "prior": components / "prior"})
-    result = run_sample_cli([f"pipeline={folder}", *args, f"out={tmp_path / 'o'}"], tmp_path)
-    assert result.returncode == 1
-    assert message in result.stderr and "Traceback" not in result.stderr
+    argv = ["unclip-sample", f"pipeline={folder}", *args, f"out={tmp_path / 'o'}"]
+    code, stderr = run_cli_in_process(sample_main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 1
+    assert message in stderr and "Traceback" not in stderr
