@@ -145,3 +145,29 @@ def test_embed_config_composes(clip_dirs, tmp_path):
     assert OmegaConf.to_container(cfg)["image_size"] == 64
     with pytest.raises(ConfigError, match="rows_per_part"):
         embed_source(_embed_cfg(clip_dirs[0], tmp_path / "y", "rows_per_part=0"), Accelerator(cpu=True))
+
+
+def test_console_script_embeds_and_names_a_missing_folder(clip_dirs, tmp_path, monkeypatch, capsys):
+    from tests.conftest import run_cli_in_process
+    from unclip.cli.embed import main
+
+    out = tmp_path / "emb"
+    argv = [
+        "unclip-embed",
+        f"clip={clip_dirs[0]}",
+        f"out={out}",
+        *SHAPES,
+        "rows_per_part=40",
+        "progress=false",
+    ]
+    code, _ = run_cli_in_process(main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 0 and (out / "manifest.json").is_file()
+    argv = [
+        "unclip-embed",
+        f"clip={clip_dirs[0]}",
+        f"out={out}2",
+        "data=folder",
+        f"data.path={tmp_path}/nowhere",
+    ]
+    code, stderr = run_cli_in_process(main, argv, tmp_path, monkeypatch, capsys)
+    assert code == 1 and "nowhere" in stderr and "Traceback" not in stderr
