@@ -226,6 +226,9 @@ class Trainer:
             lr=cfg.optim.lr,
             betas=tuple(cfg.optim.betas),
             eps=cfg.optim.eps,
+            # one kernel for every parameter instead of a Python loop over them: on 2 CPU cores the tiny
+            # decoder's optimizer step fell from 43-47 ms to 10 ms (step 0.82-0.85 s -> 0.77 s, batch 32)
+            fused=True,
         )
         if self.stage.streams_training_data():
             self._chunks = self._stream_chunks()
