@@ -27,7 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness import Candidate, Unavailable, autocast
-from benchmarks.ours import CAPTION_TOKENS, CLIP_IMAGE_DIM, count_params, make_optimizer
+from benchmarks.ours import CAPTION_TOKENS, CLIP_IMAGE_DIM, count_params, make_optimizer, train_step
 
 PARAM_TOLERANCE = 0.05
 CONTEXT_WIDTH = 32  # our tiny decoder's caption width
@@ -71,17 +71,6 @@ def _heads(channels: int, head_dim: int = 32) -> int:
     while channels % heads:
         heads -= 1
     return heads
-
-
-def _train_step(loss_fn, optimizer, device, precision) -> Callable[[], None]:
-    def step() -> None:
-        with autocast(device, precision):
-            loss = loss_fn()
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad(set_to_none=True)
-
-    return step
 
 
 # ---------------------------------------------------------------------------------------------- diffusers
@@ -134,7 +123,7 @@ def diffusers_w1(device, precision, batch, optimizer, target, compile) -> Candid
     return Candidate(
         "diffusers",
         n,
-        _train_step(loss, opt, device, precision),
+        train_step(loss, opt, device, precision),
         batch,
         f"width {unet.config.block_out_channels[0]}",
     )
@@ -213,7 +202,7 @@ def diffusers_w2(device, precision, batch, optimizer, ours, compile) -> Candidat
         return F.mse_loss(pred.predicted_image_embedding.float(), image)  # x0 prediction, as unCLIP §2.2
 
     return Candidate(
-        "diffusers", n, _train_step(loss, opt, device, precision), batch, f"{prior.config.num_layers} layers"
+        "diffusers", n, train_step(loss, opt, device, precision), batch, f"{prior.config.num_layers} layers"
     )
 
 
@@ -363,7 +352,7 @@ def dalle2_w1(device, precision, batch, optimizer, target, compile) -> Candidate
     embedding, encodings = _dalle2_text(batch, device)
     loss = lambda: decoder(images, image_embed=embedding, text_encodings=encodings)  # noqa: E731
     width = decoder.unets[0]._locals["dim"]
-    return Candidate("dalle2-pytorch", n, _train_step(loss, opt, device, precision), batch, f"width {width}")
+    return Candidate("dalle2-pytorch", n, train_step(loss, opt, device, precision), batch, f"width {width}")
 
 
 def dalle2_w3(device, precision, batch, steps, target, compile) -> Candidate:
@@ -433,7 +422,7 @@ def dalle2_w2(device, precision, batch, optimizer, ours, compile) -> Candidate:
         return prior(text_embed=pooled, image_embed=image.clone(), text_encodings=tokens)
 
     depth = len(prior.net.causal_transformer.layers)
-    return Candidate("dalle2-pytorch", n, _train_step(loss, opt, device, precision), batch, f"depth {depth}")
+    return Candidate("dalle2-pytorch", n, train_step(loss, opt, device, precision), batch, f"depth {depth}")
 
 
 class _PrecomputedText(nn.Module):

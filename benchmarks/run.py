@@ -152,16 +152,6 @@ def w6(args, device, precision):
     return [o, Result("diffusers", error=none), Result("dalle2-pytorch", error=none)]
 
 
-def w7(args, device, precision):
-    if device.type != "cuda":
-        return [Result("ours", error="W7 runs on a GPU only (--device cuda)")]
-    return [
-        _attempt(
-            "ours", lambda: ours.w7_paper_decoder_train(device, args.w7_batch, args.optimizer, args.compile)
-        )
-    ]
-
-
 def workloads(args, device: torch.device) -> list[Workload]:
     p = args.precision
     every = [
@@ -177,9 +167,6 @@ def workloads(args, device: torch.device) -> list[Workload]:
             "W5-1024", "upsampler 256 -> 1024, 15 DDIM steps, 1 image", "img/s", p, _w5("sr1024", 256, 15)
         ),
         Workload("W6", "cascade text -> 1024 px, 1 image", "img/s", p, w6),
-        Workload(
-            "W7", f"paper-scale (3.5B) decoder training, bf16, batch {args.w7_batch}", "img/s", "bf16", w7
-        ),
     ]
     wanted = args.workloads.split(",")
     chosen = [w for w in every if w.key in wanted or w.key.split("-")[0] in wanted]
@@ -223,7 +210,7 @@ def print_table(rows: list[dict], peak: dict[str, float]) -> None:
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cpu")
-    parser.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6,W7")
+    parser.add_argument("--workloads", default="W1,W2,W3,W4,W5,W6")
     parser.add_argument(
         "--quick", action="store_true", help="W1-fp32 and W3 (5 steps) only, 2 repeats, no FLOP count"
     )
@@ -235,7 +222,6 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--optimizer", choices=("default", "foreach", "fused"), default="default")
     parser.add_argument("--compile", action="store_true", help="torch.compile every implementation's network")
     parser.add_argument("--decoder-steps", type=int, default=50)
-    parser.add_argument("--w7-batch", type=int, default=32)
     parser.add_argument("--threads", type=int, default=None)
     parser.add_argument("--profile", action="store_true", help="also write top operators per implementation")
     parser.add_argument("--out", default=None, help="folder for the JSON (default benchmarks/results)")

@@ -56,14 +56,7 @@ def test_interrupted_then_resumed_run_matches_uninterrupted(compose_cfg, tmp_pat
         "trainer.eval_every=5",
     ]
     if source == "webdataset":
-        pattern = write_shards(tmp_path / "shards", shards=4, per_shard=16)
-        overrides = [o for o in overrides if not o.startswith("data.")]
-        overrides += [
-            "data=webdataset",
-            f"data.urls=['{pattern}']",
-            "data.eval_fraction=0.2",
-            "trainer.streams=2",
-        ]
+        overrides = streamed(overrides, tmp_path / "shards", per_shard=16)
     Trainer(compose_cfg(overrides), tmp_path / "straight").fit()
 
     original = checkpoint_module.save_checkpoint
@@ -172,6 +165,15 @@ def write_shards(folder: Path, shards: int, per_shard: int, size: int = 32) -> s
     return str(folder / f"shard-{{00..{shards - 1:02d}}}.tar")
 
 
+def streamed(overrides: list[str], folder: Path, per_shard: int, extra: tuple[str, ...] = ()) -> list[str]:
+    """``overrides`` with the shapes data replaced by 4 WebDataset shards of ``per_shard`` renders each,
+    streamed as 2 streams (a fifth of the samples held out for evaluation)."""
+    pattern = write_shards(folder, shards=4, per_shard=per_shard)
+    kept = [o for o in overrides if not o.startswith("data.")]
+    data = ["data=webdataset", f"data.urls=['{pattern}']", "data.eval_fraction=0.2", *extra]
+    return [*kept, *data, "trainer.streams=2"]
+
+
 def _train_cli(args: list[str], run_dir: Path, cwd: Path, processes: int = 1) -> None:
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     if processes == 1:
@@ -217,15 +219,7 @@ def test_two_processes_match_one_process_with_the_same_global_batch(tmp_path, so
         "trainer.checkpoint_every=4",
     ]
     if source == "webdataset":  # streamed: 4 shards of 20, read as 2 streams whichever the process count
-        pattern = write_shards(tmp_path / "shards", shards=4, per_shard=20)
-        args = [a for a in args if not a.startswith("data.")]
-        args += [
-            "data=webdataset",
-            f"data.urls=['{pattern}']",
-            "data.eval_fraction=0.2",
-            "data.shuffle_buffer=8",
-        ]
-        args += ["trainer.streams=2"]
+        args = streamed(args, tmp_path / "shards", per_shard=20, extra=("data.shuffle_buffer=8",))
     _train_cli(args, tmp_path / "one", tmp_path)
     _train_cli(args, tmp_path / "two", tmp_path, processes=2)
     a = load_tensors(tmp_path / "one" / "checkpoints" / "step_00000004" / "model.safetensors")

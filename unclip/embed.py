@@ -213,6 +213,64 @@ def embed_source(cfg: DictConfig, accelerator: Any) -> dict[str, Any]:
 # ------------------------------------------------------------------------------------------- reading back
 
 
+class EmbeddedParts:
+    """A finished ``unclip-embed`` job as the prior and decoder stages read it (``stage.embeddings``).
+
+    Opening it checks the manifest against the CLIP the stage trains with. ``splits`` holds the splits as
+    map-style datasets (converted to Arrow once under ``cache_dir``) -- all of them, or all but ``train`` when
+    ``stream`` is set, in which case :meth:`stream_rows` reads ``train`` part by part.
+    """
+
+    def __init__(self, settings: DictConfig, clip_fingerprint: str, cache_dir: str | Path) -> None:
+        self.folder = Path(str(settings.path))
+        self.shuffle_buffer, self.cache_dir = int(settings.shuffle_buffer), cache_dir
+        self.manifest = read_manifest(self.folder, clip_fingerprint)
+        self.split_names = tuple(self.manifest["splits"])
+        cached = self.split_names[1:] if settings.stream else self.split_names
+        self.splits = {name: self._dataset(self.files(name)) for name in cached}
+
+    @property
+    def skipped(self) -> int:
+        """Corrupt training samples the job skipped."""
+        return int(self.manifest["splits"]["train"].get("skipped", 0))
+
+    def files(self, split: str) -> list[str]:
+        if split not in self.manifest["splits"]:
+            raise DataError(
+                f"{self.folder} has no {split!r} split (it has {sorted(self.manifest['splits'])})"
+            )
+        return [str(self.folder / part["file"]) for part in self.manifest["splits"][split]["parts"]]
+
+    def first_part(self, split: str) -> datasets.Dataset:
+        """The split's first part only: a sample of it that needs no conversion of the whole split."""
+        return self.splits.get(split) or self._dataset(self.files(split)[:1])
+
+    def column(self, split: str, column: str, batch_rows: int = 8192) -> Iterator[torch.Tensor]:
+        """One column of a split, batch by batch, as float32 tensors: read column-wise, so a statistic
+        over a billion rows' image embeddings never loads their text encodings."""
+        for file in self.files(split):
+            for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=[column]):
+                values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
+                yield torch.from_numpy(values.reshape(batch.num_rows, -1).astype(np.float32))
+
+    def stream_rows(
+        self, split: str, columns: list[str], *, seed: int, epoch: int, stream_index: int, num_streams: int
+    ) -> Iterator[dict[str, Any]]:
+        """Stream ``stream_index`` of ``num_streams`` of a split's rows (``columns`` only, as numpy),
+        shuffled from (seed, epoch): part order and a buffer of ``shuffle_buffer`` rows."""
+        from datasets.distributed import split_dataset_by_node
+
+        raw = datasets.load_dataset("parquet", data_files=self.files(split), split="train", streaming=True)
+        raw = split_dataset_by_node(raw.select_columns(columns), rank=stream_index, world_size=num_streams)
+        if self.shuffle_buffer > 0:
+            raw = raw.shuffle(seed=seed, buffer_size=self.shuffle_buffer)
+            raw.set_epoch(epoch)
+        yield from raw.with_format("numpy")
+
+    def _dataset(self, files: list[str]) -> datasets.Dataset:
+        return datasets.Dataset.from_parquet(files, cache_dir=str(Path(self.cache_dir) / "parquet"))
+
+
 def read_manifest(folder: str | Path, clip_fingerprint: str) -> dict[str, Any]:
     """The manifest of a finished embedding job, checked against the CLIP a stage trains with."""
     path = Path(folder) / "manifest.json"
@@ -230,57 +288,3 @@ def read_manifest(folder: str | Path, clip_fingerprint: str) -> dict[str, Any]:
             f"not {clip_fingerprint}): embed the data with stage.clip's CLIP"
         )
     return manifest
-
-
-def part_files(folder: str | Path, manifest: dict[str, Any], split: str) -> list[str]:
-    if split not in manifest["splits"]:
-        raise DataError(f"{folder} has no {split!r} split (it has {sorted(manifest['splits'])})")
-    return [str(Path(folder) / part["file"]) for part in manifest["splits"][split]["parts"]]
-
-
-def embedded_split(
-    folder: str | Path,
-    manifest: dict[str, Any],
-    split: str,
-    cache_dir: str | Path,
-    files: list[str] | None = None,
-) -> datasets.Dataset:
-    """A split of the job (or only ``files`` of it) as a map-style dataset, converted to Arrow once under
-    ``cache_dir``."""
-    files = files or part_files(folder, manifest, split)
-    return datasets.Dataset.from_parquet(files, cache_dir=str(Path(cache_dir) / "parquet"))
-
-
-def embedding_column(files: list[str], column: str, batch_rows: int = 8192) -> Iterator[torch.Tensor]:
-    """One column of the parts, batch by batch, as float32 tensors: read column-wise, so a statistic over
-    a billion rows' image embeddings never loads their text encodings."""
-    for file in files:
-        for batch in pq.ParquetFile(file).iter_batches(batch_size=batch_rows, columns=[column]):
-            values = batch.column(0).flatten().to_numpy(zero_copy_only=False)
-            yield torch.from_numpy(values.reshape(batch.num_rows, -1).astype(np.float32))
-
-
-def stream_embedded(
-    folder: str | Path,
-    manifest: dict[str, Any],
-    split: str,
-    *,
-    seed: int,
-    epoch: int,
-    stream_index: int,
-    num_streams: int,
-    shuffle_buffer: int,
-    columns: list[str],
-) -> Iterator[dict[str, Any]]:
-    """Stream ``stream_index`` of ``num_streams`` of a split's rows (``columns`` only, as numpy), shuffled
-    from (seed, epoch): shard order and a buffer of ``shuffle_buffer`` rows."""
-    from datasets.distributed import split_dataset_by_node
-
-    raw = datasets.load_dataset(
-        "parquet", data_files=part_files(folder, manifest, split), split="train", streaming=True
-    )
-    raw = split_dataset_by_node(raw.select_columns(columns), rank=stream_index, world_size=num_streams)
-    if shuffle_buffer > 0:
-        raw = raw.shuffle(seed=seed, buffer_size=shuffle_buffer)
-        raw.set_epoch(epoch)
-    yield from raw.with_format("numpy")

@@ -49,11 +49,11 @@ class Stage(ABC):
         """Whether training reads :meth:`train_stream` (streamed data) instead of :meth:`train_dataset`."""
         return False
 
-    def train_stream(
-        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
-    ) -> Iterator[tuple[Any, int]]:
-        """One stream of a streaming source (:mod:`unclip.data.streaming`): ``(example, skipped)`` pairs, each
-        example what :meth:`collate` takes a list of, ``skipped`` the corrupt samples dropped before it."""
+    def train_stream(self, **stream: int) -> Iterator[tuple[Any, int]]:
+        """One stream of a streaming source (:mod:`unclip.data.streaming`), given as ``seed``, ``epoch``,
+        ``stream_index`` and ``num_streams`` (what :func:`unclip.data.sources.open_stream` and
+        :meth:`unclip.embed.EmbeddedParts.stream_rows` take): ``(example, skipped)`` pairs, each example what
+        :meth:`collate` takes a list of, ``skipped`` the corrupt samples dropped before it."""
         raise ConfigError(f"the {self.name} stage cannot train on streamed data")
 
     def skipped_samples(self) -> int:

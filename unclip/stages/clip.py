@@ -99,19 +99,8 @@ class ClipStage(Stage):
     def streams_training_data(self) -> bool:
         return is_streaming(self.cfg.data)
 
-    def train_stream(
-        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
-    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        records = open_stream(
-            self.cfg.data,
-            "train",
-            self.image_size,
-            seed=seed,
-            epoch=epoch,
-            stream_index=stream_index,
-            num_streams=num_streams,
-        )
-        for record in records:
+    def train_stream(self, **stream: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        for record in open_stream(self.cfg.data, "train", self.image_size, **stream):
             tokens = self.tokenize([record["caption"]])[0]
             yield {"image": image_to_tensor(record["image"]), "tokens": tokens}, record["skipped"]
 

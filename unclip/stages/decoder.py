@@ -58,11 +58,18 @@ from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
 from unclip.data.sources import cache_root, load_split, skipped_samples, split_names
 from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_config
-from unclip.embed import embedded_split, read_manifest, stream_embedded
+from unclip.embed import EmbeddedParts
 from unclip.errors import ConfigError
 from unclip.eval.decoder_eval import evaluate_decoder
 from unclip.models.decoder import DecoderConfig
 from unclip.stages.base import Stage, image_diffusion_settings
+
+# column of an unclip-embed part -> (batch key, dtype) of a streamed training example
+STREAM_DTYPES = {
+    "image": ("pixels", np.uint8),
+    "image_embedding": ("image_embedding", np.float32),
+    "token_ids": ("token_ids", np.int64),
+}
 
 
 class ImagesWithEmbeddings(Dataset):
@@ -141,18 +148,13 @@ class DecoderStage(Stage):
         self.encoder = ClipEncoder.load(self.cfg.stage.clip).eval().requires_grad_(False)
         self.clip_fingerprint = self.encoder.fingerprint()
         if precomputed.path:  # an unclip-embed job's parts: each row carries its image too
-            self.manifest = read_manifest(precomputed.path, self.clip_fingerprint)
-            if self.manifest["image_size"] != size:
+            self.parts = EmbeddedParts(precomputed, self.clip_fingerprint, cache_root(data))
+            if self.parts.manifest["image_size"] != size:
                 raise ConfigError(
-                    f"{precomputed.path} stores images at {self.manifest['image_size']} px, not at "
+                    f"{precomputed.path} stores images at {self.parts.manifest['image_size']} px, not at "
                     f"stage.image_size={size}: run unclip-embed with image_size={size}"
                 )
-            self.split_names = tuple(self.manifest["splits"])
-            cached = self.split_names[1:] if precomputed.stream else self.split_names
-            self.embedded = {
-                name: embedded_split(precomputed.path, self.manifest, name, cache_root(data))
-                for name in cached
-            }
+            self.split_names, self.embedded = self.parts.split_names, self.parts.splits
             self.images = self.embedded
             return
         self.split_names = split_names(data)
@@ -180,32 +182,17 @@ class DecoderStage(Stage):
 
     def skipped_samples(self) -> int:
         if self.cfg.stage.embeddings.path:
-            return int(self.manifest["splits"]["train"].get("skipped", 0))  # counted by unclip-embed
+            return self.parts.skipped  # counted by unclip-embed
         return skipped_samples(self.cfg.data, "train", int(self.cfg.stage.image_size))
 
     def streams_training_data(self) -> bool:
         return bool(self.cfg.stage.embeddings.path and self.cfg.stage.embeddings.stream)
 
-    def train_stream(
-        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
-    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        precomputed = self.cfg.stage.embeddings
-        rows = stream_embedded(
-            precomputed.path,
-            self.manifest,
-            "train",
-            seed=seed,
-            epoch=epoch,
-            stream_index=stream_index,
-            num_streams=num_streams,
-            shuffle_buffer=precomputed.shuffle_buffer,
-            columns=["image", "image_embedding", "token_ids"],
-        )
-        for row in rows:
+    def train_stream(self, **stream: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        for row in self.parts.stream_rows("train", list(STREAM_DTYPES), **stream):
             example = {
-                "pixels": torch.tensor(np.asarray(row["image"], dtype=np.uint8)),
-                "image_embedding": torch.tensor(np.asarray(row["image_embedding"], dtype=np.float32)),
-                "token_ids": torch.tensor(np.asarray(row["token_ids"], dtype=np.int64)),
+                key: torch.tensor(np.asarray(row[column], dtype))
+                for column, (key, dtype) in STREAM_DTYPES.items()
             }
             yield example, 0
 

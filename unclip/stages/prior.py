@@ -33,7 +33,7 @@ from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
 from unclip.data.sources import cache_root, load_split, skipped_samples, split_names
 from unclip.diffusion import make_schedule
-from unclip.embed import embedded_split, embedding_column, part_files, read_manifest, stream_embedded
+from unclip.embed import EmbeddedParts
 from unclip.errors import ConfigError
 from unclip.eval.prior_eval import evaluate_prior
 from unclip.models.prior import PriorConfig
@@ -108,18 +108,10 @@ class PriorStage(Stage):
         self.encoder = ClipEncoder.load(self.cfg.stage.clip).eval().requires_grad_(False)
         self.clip_fingerprint = self.encoder.fingerprint()
         if precomputed.path:  # an unclip-embed job's parts
-            self.manifest = read_manifest(precomputed.path, self.clip_fingerprint)
-            self.split_names = tuple(self.manifest["splits"])
-            cached = self.split_names[1:] if precomputed.stream else self.split_names
-            self.splits = {
-                name: embedded_split(precomputed.path, self.manifest, name, cache_root(data))
-                for name in cached
-            }
-            files = part_files(precomputed.path, self.manifest, "train")
-            self.reference = self.splits.get("train") or embedded_split(
-                precomputed.path, self.manifest, "train", cache_root(data), files[:1]
-            )
-            chunks = embedding_column(files, "image_embedding")
+            self.parts = EmbeddedParts(precomputed, self.clip_fingerprint, cache_root(data))
+            self.split_names, self.splits = self.parts.split_names, self.parts.splits
+            self.reference = self.parts.first_part("train")
+            chunks = self.parts.column("train", "image_embedding")
         else:
             self.split_names = split_names(data)
             self.splits = {
@@ -152,28 +144,14 @@ class PriorStage(Stage):
 
     def skipped_samples(self) -> int:
         if self.cfg.stage.embeddings.path:
-            return int(self.manifest["splits"]["train"].get("skipped", 0))  # counted by unclip-embed
+            return self.parts.skipped  # counted by unclip-embed
         return skipped_samples(self.cfg.data, "train", self.encoder.image_size)
 
     def streams_training_data(self) -> bool:
         return bool(self.cfg.stage.embeddings.path and self.cfg.stage.embeddings.stream)
 
-    def train_stream(
-        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
-    ) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
-        precomputed = self.cfg.stage.embeddings
-        rows = stream_embedded(
-            precomputed.path,
-            self.manifest,
-            "train",
-            seed=seed,
-            epoch=epoch,
-            stream_index=stream_index,
-            num_streams=num_streams,
-            shuffle_buffer=precomputed.shuffle_buffer,
-            columns=TRAIN_COLUMNS,
-        )
-        for row in rows:
+    def train_stream(self, **stream: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
+        for row in self.parts.stream_rows("train", TRAIN_COLUMNS, **stream):
             yield {name: torch.tensor(np.asarray(row[name])) for name in TRAIN_COLUMNS}, 0
 
     def collate(self, items: Any) -> dict[str, torch.Tensor]:

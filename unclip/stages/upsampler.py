@@ -188,19 +188,8 @@ class UpsamplerStage(Stage):
     def streams_training_data(self) -> bool:
         return is_streaming(self.cfg.data)
 
-    def train_stream(
-        self, *, seed: int, epoch: int, stream_index: int, num_streams: int
-    ) -> Iterator[tuple[torch.Tensor, int]]:
-        records = open_stream(
-            self.cfg.data,
-            "train",
-            int(self.cfg.stage.image_size),
-            seed=seed,
-            epoch=epoch,
-            stream_index=stream_index,
-            num_streams=num_streams,
-        )
-        for record in records:
+    def train_stream(self, **stream: int) -> Iterator[tuple[torch.Tensor, int]]:
+        for record in open_stream(self.cfg.data, "train", int(self.cfg.stage.image_size), **stream):
             pixels = np.asarray(record["image"].convert("RGB"), dtype=np.uint8).copy()
             yield torch.from_numpy(pixels), record["skipped"]
 
