@@ -22,11 +22,13 @@ progress bar is exact across workers and processes.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
-from itertools import islice
+from itertools import count, islice
 from typing import Any
 
 import torch
 from torch.utils.data import IterableDataset, get_worker_info
+
+from unclip.errors import ConfigError
 
 # stream_index, epoch -> iterator of (example, skipped) pairs; ``skipped`` counts the corrupt samples dropped
 # just before ``example``
@@ -36,8 +38,6 @@ OpenStream = Callable[[int, int], Iterator[tuple[Any, int]]]
 def stream_layout(streams: int, num_processes: int, num_workers: int, micro_batch: int) -> int:
     """Check that ``streams`` divide evenly over processes, workers and the global micro-batch; return the
     number of examples each stream contributes to one micro-batch. ``streams=0`` picks processes x workers."""
-    from unclip.errors import ConfigError
-
     workers = max(1, num_workers)
     streams = streams or num_processes * workers
     per_process, leftover = divmod(streams, num_processes)
@@ -76,7 +76,7 @@ class StreamChunks(IterableDataset):
         worker = get_worker_info()
         mine = self.streams if worker is None else self.streams[worker.id :: worker.num_workers]
         readers = [(index, self.open_stream(index, self.epoch)) for index in mine]
-        for position in range(2**62):
+        for position in count():
             for stream, reader in readers:
                 pairs = list(islice(reader, self.chunk))
                 if len(pairs) < self.chunk:

@@ -19,6 +19,7 @@ import json
 import math
 import time
 from collections.abc import Iterator
+from itertools import count
 from pathlib import Path
 from typing import Any
 
@@ -195,7 +196,7 @@ class Trainer:
         loader = DataLoader(self._chunks, batch_size=None, num_workers=t.num_workers)
         batches = micro_batches(iter(loader), len(self._chunks.streams))
         done = (state.step - state.epoch_start) * t.grad_accum
-        for position in range(2**62):
+        for position in count():
             item = next(batches, None)
             if self._any_process(item is None):  # one process out of data ends the epoch for all
                 return
