@@ -21,7 +21,8 @@ from dataclasses import dataclass, field
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from benchmarks.machine import BusyMeter, synchronize
+from benchmarks.machine import BusyMeter
+from unclip.precision import synchronize
 
 
 class Unavailable(Exception):

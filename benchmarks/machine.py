@@ -19,26 +19,12 @@ from dataclasses import dataclass
 
 import torch
 
-
-def _cpuinfo() -> tuple[str, set[str]]:
-    try:
-        with open("/proc/cpuinfo") as f:
-            text = f.read()
-    except OSError:
-        return platform.processor() or "unknown", set()
-    name, flags = "unknown", set()
-    for line in text.splitlines():
-        key, _, value = line.partition(":")
-        if key.strip() == "model name" and name == "unknown":
-            name = value.strip()
-        elif key.strip() == "flags" and not flags:
-            flags = set(value.split())
-    return name, flags
+from unclip.precision import cpu_info, matmul_gflops
 
 
 def host_info(device: torch.device) -> dict[str, object]:
     """A dict describing the host, the device and the software the numbers belong to."""
-    cpu, flags = _cpuinfo()
+    cpu, flags = cpu_info()
     info: dict[str, object] = {
         "host": platform.node(),
         "cpu": cpu,
@@ -57,28 +43,10 @@ def host_info(device: torch.device) -> dict[str, object]:
     return info
 
 
-def synchronize(device: torch.device) -> None:
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def matmul_peak(device: torch.device, dtype: torch.dtype, seconds: float = 1.0) -> float:
-    """Best measured GFLOP/s of square matmuls (2 n^3 FLOPs each) in ``dtype`` on ``device``; n = 1024 on
-    CPU, 8192 on GPU. fp32 on GPU runs without TF32 (torch's default), so it is the true fp32 peak."""
-    n = 8192 if device.type == "cuda" else 1024
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    torch.matmul(a, b)
-    synchronize(device)
-    best, deadline = 0.0, time.perf_counter() + seconds
-    while time.perf_counter() < deadline:
-        start = time.perf_counter()
-        for _ in range(4 if device.type == "cuda" else 1):
-            torch.matmul(a, b)
-        synchronize(device)
-        elapsed = time.perf_counter() - start
-        best = max(best, (4 if device.type == "cuda" else 1) * 2 * n**3 / elapsed / 1e9)
-    return best
+    """Best measured GFLOP/s of square matmuls in ``dtype`` on ``device``: n = 1024 on CPU, 8192 on GPU.
+    fp32 on GPU runs without TF32 (torch's default), so it is the true fp32 peak."""
+    return matmul_gflops(device, dtype, 8192 if device.type == "cuda" else 1024, seconds)
 
 
 def _machine_busy_jiffies() -> tuple[int, int] | None:

@@ -32,6 +32,7 @@ if __package__ in (None, ""):  # `python benchmarks/run.py` as well as `python -
 from benchmarks import ours, peers  # noqa: E402
 from benchmarks.harness import Candidate, Result, Unavailable, measure, profile_summary  # noqa: E402
 from benchmarks.machine import host_info, matmul_peak  # noqa: E402
+from unclip.precision import resolve_precision  # noqa: E402
 
 
 @dataclass
@@ -217,7 +218,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--min-seconds", type=float, default=0.0, help="least length of one timed round")
     parser.add_argument(
-        "--precision", choices=("fp32", "bf16"), default=None, help="W2-W6 (default fp32 on CPU, bf16 on GPU)"
+        "--precision",
+        choices=("auto", "fp32", "bf16"),
+        default="auto",
+        help="W2-W6; auto: what precision=auto picks on this device (unclip.precision), bf16 only if faster",
     )
     parser.add_argument("--optimizer", choices=("default", "foreach", "fused"), default="default")
     parser.add_argument("--compile", action="store_true", help="torch.compile every implementation's network")
@@ -229,8 +233,9 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
-    if args.precision is None:
-        args.precision = "bf16" if device.type == "cuda" else "fp32"
+    auto = resolve_precision("auto", device)
+    if args.precision == "auto":
+        args.precision = "bf16" if auto.precision == "bf16" else "fp32"
     if args.quick:
         args.workloads, args.repeats, args.decoder_steps = "W1-fp32,W3", min(args.repeats, 2), 5
     count_flops = not args.quick
@@ -242,6 +247,7 @@ def main(argv: list[str] | None = None) -> None:
         f"AVX-512 BF16 {info['avx512_bf16']}, AMX {info['amx_bf16']} | {info.get('gpu', 'no GPU')} | "
         f"torch {info['torch']} | load {os.getloadavg()[0]:.2f}"
     )
+    print(auto.reason)
     out_dir = Path(args.out) if args.out else Path(__file__).resolve().parent / "results"
     out_dir.mkdir(parents=True, exist_ok=True)
     stamp = datetime.datetime.now().strftime("%Y%m%d-%H%M%S")
@@ -285,6 +291,7 @@ def main(argv: list[str] | None = None) -> None:
     report = {
         "host": info,
         "matmul_peak_gflops": peak,
+        "auto_precision": {"precision": auto.precision, "reason": auto.reason},
         "args": vars(args),
         "workloads": rows,
     }

@@ -20,7 +20,8 @@ from unclip.clip.model import ClipEncoder
 from unclip.errors import CheckpointError, ConfigError
 from unclip.images import load_image, save_png
 from unclip.models.prior import PriorConfig
-from unclip.pipeline import UnCLIPPipeline, assemble, sampling_precision
+from unclip.pipeline import UnCLIPPipeline, assemble
+from unclip.precision import sampling_precision
 from unclip.prior_sampling import DiffusionPrior, EmbeddingNormalizer, sample_prior
 from unclip.upsampler_sampling import upsample
 from unclip.variation import slerp
@@ -208,6 +209,11 @@ def test_sample_cli_text_to_image_with_sizes_grid_and_regeneration(folder, tmp_p
     assert sidecar["prompts"] == ["a red star", "a blue circle"] and sidecar["size"] == 64
     assert sidecar["settings"]["decoder"]["steps"] == "3" and sidecar["settings"]["sr256"]["steps"] == "2"
     assert set(sidecar["settings"]) == {"prior", "decoder", "sr256"}
+    # precision=auto (the default) records what it chose and why, and the overrides pin that choice
+    assert sidecar["precision"] in ("no", "bf16")
+    assert f"precision={sidecar['precision']}" in sidecar["overrides"]
+    assert sidecar["precision_reason"].startswith(f"precision=auto chose {sidecar['precision']}: ")
+    assert sidecar["precision_reason"] in first.stderr
     assert [r["file"] for r in sidecar["rows"]] == ["0000.png", "0001.png", "0002.png", "0003.png"]
     assert load_image(tmp_path / "a" / "0003.png").shape == (3, 64, 64)
     assert load_image(tmp_path / "a" / "grid.png").shape == (3, 2 * 66 + 2, 2 * 66 + 2)

@@ -93,6 +93,16 @@ def test_cli_reports_user_errors_in_one_line(tmp_path):
     assert "Traceback" not in result.stderr
 
 
+def test_auto_precision_is_decided_before_training_and_said(tmp_path):
+    result = _run(
+        [*TRAIN, *FAST_CLIP, "trainer.max_steps=1", "trainer.precision=auto", f"hydra.run.dir={tmp_path}"],
+        tmp_path,
+    )
+    assert result.returncode == 0, result.stderr
+    said = [line for line in result.stdout.splitlines() if "trainer.precision=auto chose" in line]
+    assert len(said) == 1 and "GFLOP/s" in said[0], result.stdout
+
+
 def test_slurm_launcher_config_composes(tmp_path):
     pytest.importorskip("hydra_plugins.hydra_submitit_launcher", reason="the slurm extra is not installed")
     result = _run([*TRAIN, "hydra/launcher=slurm", "--cfg", "hydra"], tmp_path)

@@ -110,6 +110,7 @@ def test_cli_writes_the_report(pipelines, tmp_path):
     assert json.loads(done.stdout.split("\n", 1)[1]) == report
     assert report["pipeline"] == str(pipelines[0].resolve()) and report["captions"] == 4
     assert report["image_size"] == SIZE
+    assert report["precision"] == "no" and report["precision_reason"] == "precision=no as configured"
     assert report["decoder"]["steps"] == "4" and report["decoder"]["guidance_scale"] == 3.0  # exported
     assert report["prior"]["steps"] == "4" and report["prior"]["guidance_scale"] == 2.0
     data = OmegaConf.structured(ShapesDataConfig(eval_size=8))
@@ -118,6 +119,7 @@ def test_cli_writes_the_report(pipelines, tmp_path):
     for split, m in report["splits"].items():
         rows = load_split(data, split, SIZE).select(range(4))
         assert m["seeds"] == [0, 1]  # 4 captions in batches of 3
+        assert m["sampling_seconds"] > 0
         assert m["counts"] == {a: sum(rows[f"names_{a}"]) if a in ATTRIBUTES[2:] else 4 for a in ATTRIBUTES}
         assert set(m["accuracy"]) == set(ATTRIBUTES)
         assert m["frechet_distance"] > 0 and m["frechet_distance_floor"] > 0 and m["floor_rows"] == 4

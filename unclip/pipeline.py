@@ -15,11 +15,10 @@ Assemble one from training runs with (any stage after ``clip`` may be left out):
 
 from __future__ import annotations
 
-import contextlib
 import shutil
 import sys
 import tempfile
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -33,7 +32,6 @@ from unclip.upsampler_sampling import DiffusionUpsampler, upsample
 from unclip.variation import image_variations, interpolate_images, text_diff
 
 FORMAT_VERSION = 1
-PRECISIONS = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 # stage -> the kind its component folder declares
 STAGE_KINDS = {
     "clip": "clip",
@@ -47,20 +45,6 @@ UPSAMPLER_STAGES = ("sr256", "sr1024")
 # a stage is only useful on top of the one before it in the image chain
 _NEEDS = {"sr256": "decoder", "sr1024": "sr256"}
 UPSAMPLE_CHUNK = 4  # images upsampled at once: a 1024 px sample holds ~0.9 GB of activations on CPU
-
-
-@contextlib.contextmanager
-def sampling_precision(device: str | torch.device, precision: str) -> Iterator[None]:
-    """Autocast sampling to ``precision`` (``no`` | ``bf16`` | ``fp16``) on ``device``; ``no`` runs fp32.
-    Samplers keep x_t in fp32 and only the networks' matmuls and convolutions run in the lower precision."""
-    if precision not in PRECISIONS:
-        raise ConfigError(f"precision={precision!r} must be one of {sorted(PRECISIONS)}")
-    dtype = PRECISIONS[precision]
-    if dtype is None:
-        yield
-        return
-    with torch.autocast(device_type=torch.device(device).type, dtype=dtype):
-        yield
 
 
 def _check_components(components: dict[str, Path]) -> str:

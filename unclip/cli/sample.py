@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import json
 import shlex
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -101,7 +102,8 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     """Run the chosen mode; return the mode's part of the sidecar."""
     from unclip.images import load_image
     from unclip.io import save_tensors
-    from unclip.pipeline import UnCLIPPipeline, sampling_precision
+    from unclip.pipeline import UnCLIPPipeline
+    from unclip.precision import sampling_precision
 
     mode = _mode(cfg)
     # bad files and prompts fail before any model is loaded
@@ -115,7 +117,9 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     upsamplers = {s: sampling_overrides(cfg[s]) for s in _UPSAMPLERS}
     common = dict(seed=cfg.seed, progress=cfg.progress, size=cfg.size, upsampler_options=upsamplers)
     body: dict[str, Any] = {"mode": mode}
-    with sampling_precision(cfg.device, cfg.precision):
+    with sampling_precision(cfg.device, cfg.precision) as precision:
+        print(precision.reason, file=sys.stderr)
+        body |= {"precision": precision.precision, "precision_reason": precision.reason}
         if mode == "text" and pipeline.decoder is None:
             if decoder or any(upsamplers.values()) or cfg.size is not None:
                 raise ConfigError(
@@ -188,14 +192,18 @@ def _generate(cfg: DictConfig, out: Path) -> dict[str, Any]:
     return body
 
 
-def regenerate_command(cfg: DictConfig, out: Path) -> list[str]:
-    """The overrides that make these images again: this run's own, with ``out=`` dropped and a prompts file
-    replaced by the copy written beside the images."""
+def regenerate_command(cfg: DictConfig, out: Path, precision: str) -> list[str]:
+    """The overrides that make these images again: this run's own, with ``out=`` dropped, a prompts file
+    replaced by the copy written beside the images, and ``precision`` the one that ran (``auto`` could
+    decide otherwise on another machine)."""
     from hydra.core.hydra_config import HydraConfig
 
-    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(("out=", "prompts_file="))]
+    dropped = ("out=", "prompts_file=", "precision=")
+    overrides = [o for o in HydraConfig.get().overrides.task if not o.startswith(dropped)]
     if cfg.prompts_file is not None:
         overrides.append(f"prompts_file={out / 'prompts.txt'}")
+    if precision != "no" or cfg.precision != "no":
+        overrides.append(f"precision={precision}")
     return overrides
 
 
@@ -204,19 +212,20 @@ def regenerate_command(cfg: DictConfig, out: Path) -> list[str]:
 def main(cfg: DictConfig) -> None:
     """Sample images (or, without a decoder, CLIP image embeddings) and write them with a sidecar."""
     from unclip.io import write_text
+    from unclip.precision import check_precision
 
     if cfg.num_images < 1:
         raise ConfigError(f"num_images={cfg.num_images} must be at least 1")
+    check_precision(cfg.precision)
     out = Path(str(cfg.out))
     body = _generate(cfg, out)
     if cfg.prompts_file is not None:
         write_text(out / "prompts.txt", "\n".join(body["prompts"]) + "\n")
-    overrides = regenerate_command(cfg, out)
+    overrides = regenerate_command(cfg, out, body["precision"])
     sidecar = {
         "pipeline": str(Path(str(cfg.pipeline)).resolve()),
         "seed": cfg.seed,
         "num_images": cfg.num_images,
-        "precision": cfg.precision,
         **body,
         "overrides": overrides,
         "regenerate": " ".join(["unclip-sample", *map(shlex.quote, overrides), "out=<folder>"]),

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from unclip.data import shapes
 from unclip.errors import ConfigError
+from unclip.precision import PRECISION_CHOICES
 
 # --------------------------------------------------------------------------------------------------- data
 
@@ -335,7 +336,7 @@ class TrainerConfig:
     max_steps: int = 1000
     batch_size: int = 64  # global batch per optimizer step, across processes and accumulation
     grad_accum: int = 1
-    precision: str = "no"  # no | fp16 | bf16
+    precision: str = "no"  # no | auto | fp16 | bf16 (auto: bf16 only where faster, see unclip.precision)
     grad_clip: float = 1.0
     ema_decay: float = 0.999
     ema_warmup: bool = True
@@ -420,7 +421,8 @@ class SampleConfig:
     seed: int = 0
     size: int | None = None  # stop the cascade at this side (64, 256, 1024); null: the pipeline's largest
     device: str = "cpu"
-    precision: str = "no"  # no | bf16 | fp16: autocast while sampling
+    # auto | no | bf16 | fp16: autocast while sampling; auto: bf16 only where faster (unclip.precision)
+    precision: str = "auto"
     prior: PriorOverrides = field(default_factory=PriorOverrides)
     decoder: DecoderOverrides = field(default_factory=DecoderOverrides)
     sr256: UpsamplerOverrides = field(default_factory=UpsamplerOverrides)
@@ -448,7 +450,7 @@ class PipelineEvalConfig:
     seed: int = 0
     batch_size: int = 50
     device: str = "cpu"
-    precision: str = "no"  # no | bf16 | fp16: autocast while sampling
+    precision: str = "no"  # no | auto | bf16 | fp16: autocast while sampling (fp32 by default: comparable)
     prior: PriorOverrides = field(default_factory=PriorOverrides)
     decoder: DecoderOverrides = field(default_factory=DecoderOverrides)
     grid_images: int = 16  # samples shown in the report's grid
@@ -502,7 +504,6 @@ def register_configs() -> None:
     cs.store(group="clip_model", name="schema_clip_model", node=ClipModelConfig)
 
 
-_PRECISIONS = ("no", "fp16", "bf16")
 _SCHEDULES = ("cosine", "constant")
 _LOGGERS = ("wandb", "none")
 
@@ -517,7 +518,10 @@ def validate(cfg: DictConfig) -> None:
         raise ConfigError(f"no data source chosen: add data=<{'|'.join(DATA_SCHEMAS)}>")
     t = cfg.trainer
     checks = [
-        (t.precision in _PRECISIONS, f"trainer.precision={t.precision!r} must be one of {_PRECISIONS}"),
+        (
+            t.precision in PRECISION_CHOICES,
+            f"trainer.precision={t.precision!r} must be one of {list(PRECISION_CHOICES)}",
+        ),
         (
             cfg.optim.schedule in _SCHEDULES,
             f"optim.schedule={cfg.optim.schedule!r} must be one of {_SCHEDULES}",

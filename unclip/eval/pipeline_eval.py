@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -36,7 +37,8 @@ from unclip.errors import CheckpointError, ConfigError, DataError
 from unclip.eval.shapes_reader import ATTRIBUTES, attribute_accuracy
 from unclip.images import save_grid, to_uint8
 from unclip.io import write_text
-from unclip.pipeline import PRECISIONS, UnCLIPPipeline, sampling_precision
+from unclip.pipeline import UnCLIPPipeline
+from unclip.precision import PRECISION_CHOICES, resolve_precision, sampling_precision
 from unclip.prior_sampling import check_sampling as check_prior_sampling
 from unclip.stages.clip import image_to_tensor
 
@@ -95,7 +97,10 @@ def check_config(cfg: DictConfig) -> None:
         ),
         (cfg.batch_size >= 1, f"batch_size={cfg.batch_size} must be at least 1"),
         (cfg.grid_images >= 0, f"grid_images={cfg.grid_images} must not be negative"),
-        (cfg.precision in PRECISIONS, f"precision={cfg.precision!r} must be one of {sorted(PRECISIONS)}"),
+        (
+            cfg.precision in PRECISION_CHOICES,
+            f"precision={cfg.precision!r} must be one of {list(PRECISION_CHOICES)}",
+        ),
     ]
     for ok, message in checks:
         if not ok:
@@ -130,7 +135,9 @@ def evaluate_split(
     wanted = ["caption", *ATTRIBUTES, "names_size", "names_position", "names_background"]
     records = list(rows.select(range(n)).select_columns(wanted))
     captions = [r["caption"] for r in records]
+    start = time.perf_counter()
     generated, seeds = _generate(pipeline, captions, cfg, prior_options, decoder_options)
+    sampling_seconds = time.perf_counter() - start
     pictures = rows.select(range(max(n, 2 * floor_rows)))["image"]
     real = torch.stack([image_to_tensor(p) for p in pictures]).float() / 255
     fake_z, real_z = (_image_embeddings(pipeline, x, cfg.batch_size) for x in (generated, real))
@@ -141,6 +148,7 @@ def evaluate_split(
         floor = frechet_distance(real_z[:floor_rows], real_z[floor_rows : 2 * floor_rows])
     metrics = {
         "seeds": seeds,
+        "sampling_seconds": sampling_seconds,  # text -> prior -> decoder for the split's captions
         "accuracy": {a: _number(accuracy[a]) for a in ATTRIBUTES},
         "counts": {a: int(accuracy[f"{a}_count"]) for a in ATTRIBUTES},
         "clip_score": float((fake_z * text_z).sum(-1).mean()),
@@ -169,13 +177,15 @@ def evaluate_pipeline(
     decoder = check_decoder_sampling(
         {**pipeline.decoder.sampling, **decoder_options}, pipeline.decoder.diffusion.num_timesteps
     )
+    precision = resolve_precision(cfg.precision, cfg.device)  # measured once; _generate reuses it
     report: dict[str, Any] = {
         "pipeline": str(Path(str(cfg.pipeline)).resolve()),
         "captions": int(cfg.captions),
         "image_size": pipeline.decoder.image_size,
         "seed": int(cfg.seed),
         "batch_size": int(cfg.batch_size),
-        "precision": str(cfg.precision),
+        "precision": precision.precision,
+        "precision_reason": precision.reason,
         "prior": prior,
         "decoder": decoder,
         "splits": {},
@@ -216,6 +226,8 @@ def markdown(report: dict[str, Any], grid: str | None) -> str:
             f"{_fmt(m['clip_score_real'])} (true renders) |",
             f"| Fréchet distance to true renders (CLIP space) | {_fmt(m['frechet_distance'])} | "
             f"{_fmt(m['frechet_distance_floor'])} (floor: true vs true, {m['floor_rows']} rows each) |",
+            "",
+            f"Sampling its {report['captions']} captions (prior and decoder): {m['sampling_seconds']:.1f} s.",
         ]
         if grid is not None:
             lines += ["", f"Row {row} of [{grid}]({grid}), left to right:", ""]

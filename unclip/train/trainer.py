@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from accelerate import Accelerator
+from accelerate import Accelerator, PartialState
 from accelerate.utils import DataLoaderConfiguration, send_to_device, set_seed
 from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import DataLoader, Sampler
@@ -33,6 +33,7 @@ from tqdm.auto import tqdm
 from unclip.config.schema import validate
 from unclip.data.streaming import StreamChunks, micro_batches, stream_layout
 from unclip.errors import CheckpointError, ConfigError, DataError
+from unclip.precision import resolve_precision
 from unclip.stages import Stage, build_stage
 from unclip.train.checkpoint import TrainingState, latest_checkpoint, load_checkpoint, save_checkpoint
 from unclip.train.ema import EMA
@@ -86,8 +87,10 @@ class Trainer:
         self.cfg = cfg
         self.run_dir = Path(run_dir)
         t = cfg.trainer
+        # auto is decided on this process's device before Accelerate sets up autocast
+        self.precision = resolve_precision(t.precision, PartialState(cpu=t.cpu).device, "trainer.precision")
         self.accelerator = Accelerator(
-            mixed_precision=t.precision,
+            mixed_precision=self.precision.precision,
             gradient_accumulation_steps=t.grad_accum,
             cpu=t.cpu,
             log_with="wandb" if cfg.logger.kind == "wandb" else None,
@@ -241,6 +244,8 @@ class Trainer:
         ema.shadow = {k: v.to(acc.device) for k, v in ema.shadow.items()}
         self.stage.setup(acc)
 
+        if self.cfg.trainer.precision == "auto":
+            acc.print(f"[unclip] {self.precision.reason}")
         state = TrainingState(step=0, ema_updates=0)
         resume_from = self._resume_path()
         if resume_from is not None:
