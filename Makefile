@@ -33,12 +33,12 @@ test-fast: setup
 	$(BIN)/python -m pytest -q -m "not slow"
 
 lint: setup
-	$(BIN)/ruff check unclip tests
-	$(BIN)/ruff format --check unclip tests
+	$(BIN)/ruff check unclip tests benchmarks recipes
+	$(BIN)/ruff format --check unclip tests benchmarks recipes
 
 format: setup
-	$(BIN)/ruff format unclip tests
-	$(BIN)/ruff check --fix unclip tests
+	$(BIN)/ruff format unclip tests benchmarks recipes
+	$(BIN)/ruff check --fix unclip tests benchmarks recipes
 
 clean-runs:
 	rm -rf runs outputs multirun

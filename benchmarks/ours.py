@@ -32,7 +32,7 @@ DECODER_DIFFUSION = dict(
     variance="learned",
     loss_weighting="none",
 )
-DECODER_SAMPLING = dict(sampler="ddim", steps="25", eta=0.0, guidance_scale=3.0)
+DECODER_SAMPLING = dict(sampler="ddim", steps="15", eta=0.0, guidance_scale=3.0)
 PRIOR_SAMPLING = dict(sampler="ddim", steps="64", eta=0.0, guidance_scale=2.0, candidates=2)
 UPSAMPLER_DIFFUSION = {  # Table 3: cosine for 64 -> 256, linear for 256 -> 1024
     name: dict(
@@ -152,25 +152,56 @@ def _prior(device: torch.device) -> DiffusionPrior:
     return DiffusionPrior(config, normalizer, "cosine", PRIOR_SAMPLING).to(device)
 
 
-def _text(batch: int, config: PriorConfig, device: torch.device, seed: int = 3) -> SimpleNamespace:
-    """CLIP text outputs as the prior takes them (``unclip.clip.model.TextEncoding``'s fields)."""
+def shapes_caption_lengths(batch: int) -> torch.Tensor:
+    """Token counts, start and end tokens included, of the first ``batch`` ``shapes`` training captions under
+    CLIP's tokenizer (mean 11.5, longest 18 of 77 for batch 64): how long real captions are."""
+    import open_clip
+
+    from unclip.data.shapes import make_caption, sample_spec
+
+    captions = [make_caption(sample_spec(0, "train", i), 0, "train", i)[0] for i in range(batch)]
+    return (open_clip.get_tokenizer("ViT-B-32")(captions) != 0).sum(dim=1)
+
+
+def caption_encodings(
+    batch: int, dim: int, device: torch.device, lengths: torch.Tensor | None, seed: int = 3
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Random per-token encodings (B, 77, dim) and their mask, as a CLIP text tower returns them: with
+    ``lengths``, the positions past each caption's length are zeros and masked (what every implementation is
+    given); without, all 77 tokens are real."""
     g = torch.Generator().manual_seed(seed)
-    return SimpleNamespace(
-        tokens=torch.randn(batch, CAPTION_TOKENS, config.text_token_dim, generator=g).to(device),
-        pooled=torch.randn(batch, config.clip_embed_dim, generator=g).to(device),
-        mask=torch.ones(batch, CAPTION_TOKENS, dtype=torch.bool, device=device),
-    )
+    tokens = torch.randn(batch, CAPTION_TOKENS, dim, generator=g)
+    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.bool)
+    if lengths is not None:
+        mask = torch.arange(CAPTION_TOKENS)[None] < lengths[:, None]
+        tokens = tokens * mask[..., None]
+    return tokens.to(device), mask.to(device)
+
+
+def _text(
+    batch: int, config: PriorConfig, device: torch.device, lengths: torch.Tensor | None = None
+) -> SimpleNamespace:
+    """CLIP text outputs as the prior takes them (``unclip.clip.model.TextEncoding``'s fields)."""
+    tokens, mask = caption_encodings(batch, config.text_token_dim, device, lengths)
+    pooled = torch.randn(batch, config.clip_embed_dim, generator=torch.Generator().manual_seed(5))
+    return SimpleNamespace(tokens=tokens, pooled=pooled.to(device), mask=mask)
 
 
 def w2_prior_train(
-    device: torch.device, precision: str, batch: int, optimizer: str, compile: bool
+    device: torch.device,
+    precision: str,
+    batch: int,
+    optimizer: str,
+    compile: bool,
+    lengths: torch.Tensor | None = None,
 ) -> Candidate:
-    """One prior training step: caption dropped 10 % of the time, x0-prediction MSE, backward, AdamW."""
+    """One prior training step: caption dropped 10 % of the time, x0-prediction MSE, backward, AdamW;
+    ``lengths``: real caption lengths (see :func:`caption_encodings`)."""
     prior = _prior(device).train()
     if compile:
         prior.net.compile()
     opt = make_optimizer(prior.parameters(), optimizer)
-    text = _text(batch, prior.config, device)
+    text = _text(batch, prior.config, device, lengths)
     image = torch.randn(batch, prior.config.clip_embed_dim, generator=torch.Generator().manual_seed(4))
     image = image.to(device)
     step = train_step(

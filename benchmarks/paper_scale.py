@@ -25,7 +25,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 CLIP_DIM, TOKENS, TOKEN_DIM = 768, 77, 768
 MICRO_BATCH = {"prior": 512, "decoder": 32, "sr256": 64, "sr1024": 32}  # per GPU, as the laion recipes run
-SAMPLING = {"sampler": "ddim", "steps": "25", "eta": 0.0, "guidance_scale": 3.0}
+SAMPLING = {"sampler": "ddim", "steps": "15", "eta": 0.0, "guidance_scale": 3.0}
 DIFFUSION = {
     "schedule": "cosine",
     "schedule_shift": 1.0,

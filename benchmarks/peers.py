@@ -27,7 +27,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from benchmarks.harness import Candidate, Unavailable, autocast
-from benchmarks.ours import CAPTION_TOKENS, CLIP_IMAGE_DIM, count_params, make_optimizer, train_step
+from benchmarks.ours import (
+    CAPTION_TOKENS,
+    CLIP_IMAGE_DIM,
+    caption_encodings,
+    count_params,
+    make_optimizer,
+    train_step,
+)
 
 PARAM_TOLERANCE = 0.05
 CONTEXT_WIDTH = 32  # our tiny decoder's caption width
@@ -170,16 +177,18 @@ def _diffusers_prior(layers: int, heads: int, head_dim: int, embed_dim: int):
     )
 
 
-def _prior_inputs(batch: int, dim: int, device: torch.device):
-    g = torch.Generator().manual_seed(3)
-    tokens = torch.randn(batch, CAPTION_TOKENS, dim, generator=g).to(device)
+def _prior_inputs(batch: int, dim: int, device: torch.device, lengths: torch.Tensor | None = None):
+    """Caption encodings and mask (the same as ours are given), pooled text and image embeddings."""
+    tokens, mask = caption_encodings(batch, dim, device, lengths)
+    g = torch.Generator().manual_seed(5)
     pooled = torch.randn(batch, dim, generator=g).to(device)
     image = torch.randn(batch, dim, generator=g).to(device)
-    return tokens, pooled, image
+    return tokens, mask, pooled, image
 
 
-def diffusers_w2(device, precision, batch, optimizer, ours, compile) -> Candidate:
-    """``ours``: our PriorConfig (width = heads x 32, layers, D)."""
+def diffusers_w2(device, precision, batch, optimizer, ours, compile, lengths=None) -> Candidate:
+    """``ours``: our PriorConfig (width = heads x 32, layers, D); ``lengths``: real caption lengths, given to
+    diffusers as its attention mask."""
     diffusers = _import("diffusers")
     head_dim = ours.width // ours.heads
     target = ours.params
@@ -191,8 +200,7 @@ def diffusers_w2(device, precision, batch, optimizer, ours, compile) -> Candidat
         prior.compile()
     scheduler = diffusers.DDPMScheduler(num_train_timesteps=1000, beta_schedule="squaredcos_cap_v2")
     opt = make_optimizer(prior.parameters(), optimizer)
-    tokens, pooled, image = _prior_inputs(batch, ours.clip_embed_dim, device)
-    mask = torch.ones(batch, CAPTION_TOKENS, dtype=torch.bool, device=device)
+    tokens, mask, pooled, image = _prior_inputs(batch, ours.clip_embed_dim, device, lengths)
 
     def loss() -> torch.Tensor:
         noise = torch.randn_like(image)
@@ -227,9 +235,9 @@ def diffusers_w4(device, precision, batch, steps, ours, compile) -> Candidate:
         prediction_type="sample",
         clip_sample=False,
     )
-    tokens, pooled, _ = _prior_inputs(batch, ours.clip_embed_dim, device)
+    tokens, mask, pooled, _ = _prior_inputs(batch, ours.clip_embed_dim, device)
     tokens, pooled = tokens.repeat_interleave(2, 0), pooled.repeat_interleave(2, 0)  # 2 candidates each
-    mask = torch.ones(2 * batch, CAPTION_TOKENS, dtype=torch.bool, device=device)
+    mask = mask.repeat_interleave(2, 0)
     tokens2 = torch.cat([tokens, torch.zeros_like(tokens)])
     pooled2 = torch.cat([pooled, torch.zeros_like(pooled)])
     mask2 = torch.cat([mask, torch.zeros_like(mask)])
@@ -410,13 +418,14 @@ def _prior_shapes(ours) -> list[tuple[int, int]]:
     return [(ours.layers, f) for f in (4, 3, 2)] + [(d, 4) for d in range(2, 9) if d != ours.layers]
 
 
-def dalle2_w2(device, precision, batch, optimizer, ours, compile) -> Candidate:
+def dalle2_w2(device, precision, batch, optimizer, ours, compile, lengths=None) -> Candidate:
+    """``lengths``: real caption lengths; dalle2-pytorch masks the all-zero encodings past them itself."""
     prior, n = fit(lambda s: _dalle2_prior(s, ours.width, ours.heads, 64), _prior_shapes(ours), ours.params)
     prior = prior.to(device).train()
     if compile:
         prior.net.compile()
     opt = make_optimizer(prior.parameters(), optimizer)
-    tokens, pooled, image = _prior_inputs(batch, ours.width, device)
+    tokens, _, pooled, image = _prior_inputs(batch, ours.width, device, lengths)
 
     def loss() -> torch.Tensor:
         return prior(text_embed=pooled, image_embed=image.clone(), text_encodings=tokens)
@@ -446,7 +455,7 @@ def dalle2_w4(device, precision, batch, steps, ours, compile) -> Candidate:
     prior = prior.to(device).eval()
     if compile:
         prior.net.compile()
-    tokens, pooled, _ = _prior_inputs(batch, ours.width, device)
+    tokens, _, pooled, _ = _prior_inputs(batch, ours.width, device)
     prior.clip = _PrecomputedText(pooled, tokens)
     ids = torch.zeros(batch, CAPTION_TOKENS, dtype=torch.long, device=device)
 

@@ -83,22 +83,28 @@ def _prior_shape(cand: Candidate) -> SimpleNamespace:
     )
 
 
-def w2(args, device, precision):
-    o = _attempt("ours", lambda: ours.w2_prior_train(device, precision, 64, args.optimizer, args.compile))
-    if isinstance(o, Result):
-        return [o]
-    shape = _prior_shape(o)
-    return _with_peers(
-        o,
-        {
-            "diffusers": lambda: peers.diffusers_w2(
-                device, precision, 64, args.optimizer, shape, args.compile
-            ),
-            "dalle2-pytorch": lambda: peers.dalle2_w2(
-                device, precision, 64, args.optimizer, shape, args.compile
-            ),
-        },
-    )
+def _w2(real_captions: bool):
+    """W2 with all 77 caption tokens real, or (``real_captions``) with ``shapes`` captions' lengths and
+    the rest of the 77 positions padding, masked for every implementation."""
+
+    def build(args, device, precision):
+        lengths = ours.shapes_caption_lengths(64) if real_captions else None
+        o = _attempt(
+            "ours", lambda: ours.w2_prior_train(device, precision, 64, args.optimizer, args.compile, lengths)
+        )
+        if isinstance(o, Result):
+            return [o]
+        shape = _prior_shape(o)
+        common = (device, precision, 64, args.optimizer, shape, args.compile, lengths)
+        return _with_peers(
+            o,
+            {
+                "diffusers": lambda: peers.diffusers_w2(*common),
+                "dalle2-pytorch": lambda: peers.dalle2_w2(*common),
+            },
+        )
+
+    return build
 
 
 def w3(args, device, precision):
@@ -158,7 +164,14 @@ def workloads(args, device: torch.device) -> list[Workload]:
     every = [
         Workload("W1-fp32", "decoder U-Net training step, 64 px, batch 8", "img/s", "fp32", w1),
         Workload("W1-bf16", "decoder U-Net training step, 64 px, batch 8", "img/s", "bf16", w1),
-        Workload("W2", "prior training step, batch 64, 77 tokens", "samples/s", p, w2),
+        Workload("W2", "prior training step, batch 64, 77 tokens", "samples/s", p, _w2(False)),
+        Workload(
+            "W2-captions",
+            "prior training step, batch 64, shapes captions (5-18 tokens) padded to 77",
+            "samples/s",
+            p,
+            _w2(True),
+        ),
         Workload(
             "W3", f"decoder sampling, CFG, 64 px, batch 4, {args.decoder_steps} DDIM steps", "img/s", p, w3
         ),

@@ -86,6 +86,21 @@ def test_padded_caption_tokens_do_not_change_output():
     assert torch.allclose(_run(prior, padded), base, atol=1e-5)
 
 
+def test_trailing_padding_is_cut_and_changes_nothing():
+    """A short caption batched with a full-length one (nothing cut) gives what it gives alone (cut)."""
+    prior, inp = _prior(), _inputs()
+    mask = inp["token_mask"].clone()
+    mask[0, 2:], mask[1] = False, True
+    inp = {**inp, "token_mask": mask}
+    cond = prior.encode_condition(inp["text_tokens"], mask, inp["text_embedding"])
+    alone = {k: v[:1] for k, v in inp.items()}
+    cut = prior.encode_condition(alone["text_tokens"], alone["token_mask"], alone["text_embedding"])
+    assert cond.tokens.shape[1] == inp["text_tokens"].shape[1] and cut.tokens.shape[1] == 2
+    torch.testing.assert_close(_run(prior, alone), _run(prior, inp)[:1], atol=1e-5, rtol=0)
+    dropped = prior.encode_condition(**_caption(inp), drop_caption=torch.ones(3, dtype=torch.bool))
+    assert dropped.tokens.shape[1] == 0
+
+
 def test_drop_caption_makes_output_independent_of_caption():
     prior, inp = _prior(), _inputs()
     other = _inputs(seed=2)

@@ -3,11 +3,11 @@
     python recipes/own_data/make_photo_folder.py OUT [--per-photo 20] [--corrupt 2]
 
 Each of the 10 photographs (a cat, a cup of coffee, an astronaut, a rocket, ...) is augmented into
-``--per-photo`` images (a random crop of 50-100 % of its side, a horizontal flip, brightness and colour jitter,
-JPEG/PNG/greyscale/RGBA variants, some rotated in the file with an EXIF orientation tag), each captioned by a
-template naming the subject. Captions go to ``metadata.jsonl`` (the imagefolder layout), and ``--corrupt``
-unreadable files are added so that the skip-and-count path is exercised too. Needs scikit-image (installed
-with the test extra).
+``--per-photo`` images (a random crop of 50-100 % of its side, a horizontal flip, brightness and colour
+jitter, JPEG/PNG/greyscale/RGBA variants, some rotated in the file with an EXIF orientation tag), each
+captioned by a template naming the subject. Captions go to ``metadata.jsonl`` (the imagefolder layout), and
+``--corrupt`` unreadable files are added so that the skip-and-count path is exercised too. Needs
+scikit-image (installed with the test extra).
 """
 
 from __future__ import annotations

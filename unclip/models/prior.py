@@ -32,7 +32,9 @@ key/value caching of autoregressive decoders (e.g. Pope et al. 2022, "Efficientl
 Inference", §2). A sampler caches the prefix once (:meth:`PriorTransformer.cache_prefix`) and each of its
 steps then runs 3 tokens instead of L + 4; training runs both parts per step and still skips the last
 layer's attention output and MLP on the prefix, which nothing reads. The outputs equal those of running the
-whole sequence through every layer.
+whole sequence through every layer. For the same reason trailing padding is cut from a batch's captions
+(:meth:`PriorTransformer.encode_condition`): CLIP pads every caption to its context (77 tokens), real
+captions are much shorter (``shapes``' are about 10 tokens), and the padding's work would change nothing.
 """
 
 from __future__ import annotations
@@ -289,6 +291,11 @@ class PriorTransformer(nn.Module):
             drop = drop_caption.bool().to(text.device)
             token_mask = token_mask & ~drop[:, None]
             text = torch.where(drop[:, None], self.null_text.to(text.dtype), text)
+        # Trailing positions that are padding in every row are cut: nothing attends to them (module
+        # docstring), so the outputs are unchanged and short captions cost their length, not the context's.
+        positions = torch.arange(1, num_tokens + 1, device=token_mask.device)
+        num_tokens = int((token_mask * positions).amax()) if num_tokens else 0
+        text_tokens, token_mask = text_tokens[:, :num_tokens], token_mask[:, :num_tokens]
         return PriorCondition(
             tokens=self.token_proj(text_tokens) + self.pos[:num_tokens],
             token_mask=token_mask,
