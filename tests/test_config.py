@@ -65,6 +65,7 @@ def test_typos_and_wrong_types_are_rejected_naming_the_key(compose_cfg, override
         ("optim.schedule=linear", "optim.schedule"),
         ("trainer.grad_accum=3", "trainer.grad_accum"),
         ("logger.kind=tensorboard", "logger.kind"),
+        ("data.decoded_cache_mb=-1", "data.decoded_cache_mb"),
     ],
 )
 def test_inconsistent_values_fail_validation(compose_cfg, override, key):

@@ -26,6 +26,8 @@ class DataConfig:
 
     source: str = MISSING
     cache_dir: str | None = None  # null: $UNCLIP_CACHE, else ~/.cache/unclip
+    # keep a cached split's decoded pixels in memory when they fit in this many MiB (0: decode every read)
+    decoded_cache_mb: int = 1024
 
 
 @dataclass
@@ -538,6 +540,10 @@ def validate(cfg: DictConfig) -> None:
         (t.keep_checkpoints > 0, f"trainer.keep_checkpoints={t.keep_checkpoints} must be positive"),
         (cfg.optim.lr > 0, f"optim.lr={cfg.optim.lr} must be positive"),
         (len(cfg.optim.betas) == 2, f"optim.betas={list(cfg.optim.betas)} must have two entries"),
+        (
+            cfg.data.decoded_cache_mb >= 0,
+            f"data.decoded_cache_mb={cfg.data.decoded_cache_mb} must be 0 (off) or a size in MiB",
+        ),
     ]
     for ok, message in checks:
         if not ok:

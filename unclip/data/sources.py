@@ -57,7 +57,7 @@ _FEATURES = datasets.Features(
     {"image": datasets.Image(), "caption": datasets.Value("string"), "key": datasets.Value("string")}
 )
 # settings that change how a split is read or streamed but not what a materialised split holds
-_NOT_IN_DIGEST = ("cache_dir", "streaming", "shuffle_buffer", "crop")
+_NOT_IN_DIGEST = ("cache_dir", "decoded_cache_mb", "streaming", "shuffle_buffer", "crop")
 
 
 class Sample(NamedTuple):

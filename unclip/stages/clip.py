@@ -18,9 +18,10 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from torch.utils.data import Dataset
+from torch.utils.data import Dataset, default_collate
 
 from unclip.clip.model import ClipEncoder
+from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.eval.retrieval import retrieval_recall
 from unclip.eval.zero_shot import zero_shot_accuracy
@@ -35,28 +36,30 @@ def image_to_tensor(image: Any) -> torch.Tensor:
 
 
 class CaptionedImages(Dataset):
-    """Rows of a captioned-image split as (uint8 image, caption token ids).
+    """Rows of a captioned-image split as a batch of uint8 images (B, 3, H, W) and caption token ids.
 
-    Captions are tokenised once up front, and a batch is read with one columnar ``datasets`` lookup
-    (``__getitems__``), so data loading stays a small fraction of a CPU training step.
+    Each distinct caption is tokenised once up front (open_clip's tokenizer took 6.4 s on one core for the
+    20,000 captions of ``shapes``, 4.2 s for its 13,977 distinct ones), and a batch is read with one lookup
+    (:class:`~unclip.data.pixels.SplitPixels`), so data loading stays a small fraction of a CPU step.
     """
 
-    def __init__(self, split: Any, encoder: ClipEncoder) -> None:
-        self.images = split.select_columns(["image"])
+    def __init__(self, split: Any, encoder: ClipEncoder, decoded_cache_mb: int) -> None:
+        self.pixels = SplitPixels(split, decoded_cache_mb)
         captions = split["caption"]
-        self.tokens = torch.cat(
-            [encoder.tokenize(captions[i : i + 4096]) for i in range(0, len(captions), 4096)]
-        )
+        distinct = list(dict.fromkeys(captions))
+        tokens = torch.cat([encoder.tokenize(distinct[i : i + 4096]) for i in range(0, len(distinct), 4096)])
+        row_of = {caption: row for row, caption in enumerate(distinct)}
+        self.tokens = tokens[torch.tensor([row_of[c] for c in captions], dtype=torch.long)]
 
     def __len__(self) -> int:
         return len(self.tokens)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
-        return self.__getitems__([index])[0]
+        return {name: value[0] for name, value in self.__getitems__([index]).items()}
 
-    def __getitems__(self, indices: list[int]) -> list[dict[str, torch.Tensor]]:
-        images = self.images[list(indices)]["image"]
-        return [{"image": image_to_tensor(im), "tokens": self.tokens[i]} for im, i in zip(images, indices)]
+    def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
+        images = torch.from_numpy(self.pixels[indices]).permute(0, 3, 1, 2)
+        return {"image": images, "tokens": self.tokens[list(indices)]}
 
 
 class ClipModule(torch.nn.Module):
@@ -94,7 +97,7 @@ class ClipStage(Stage):
         return ClipModule(self._encoder())
 
     def train_dataset(self) -> Dataset:
-        return CaptionedImages(self.splits["train"], self._encoder())
+        return CaptionedImages(self.splits["train"], self._encoder(), self.cfg.data.decoded_cache_mb)
 
     def streams_training_data(self) -> bool:
         return is_streaming(self.cfg.data)
@@ -117,6 +120,10 @@ class ClipStage(Stage):
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
+
+    def collate(self, items: Any) -> dict[str, torch.Tensor]:
+        # CaptionedImages.__getitems__ already returns a batch; streamed examples are stacked as usual
+        return items if isinstance(items, dict) else default_collate(items)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

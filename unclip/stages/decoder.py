@@ -56,6 +56,7 @@ from torch.utils.data import Dataset, default_collate
 
 from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
+from unclip.data.pixels import SplitPixels
 from unclip.data.sources import cache_root, load_split, skipped_samples, split_names
 from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_config
 from unclip.embed import EmbeddedParts
@@ -74,26 +75,24 @@ STREAM_DTYPES = {
 
 class ImagesWithEmbeddings(Dataset):
     """Rows of a rendered split (``image``) beside the same rows of its embedding (``image_embedding``,
-    ``token_ids``), read a batch at a time: pixels as uint8 (B, S, S, 3), decoded from PNG per batch."""
+    ``token_ids``), read a batch at a time: pixels as uint8 (B, S, S, 3) (see :class:`SplitPixels`)."""
 
-    def __init__(self, images: datasets.Dataset, embedded: datasets.Dataset) -> None:
+    def __init__(self, images: datasets.Dataset, embedded: datasets.Dataset, decoded_cache_mb: int) -> None:
         if len(images) != len(embedded):
             raise ConfigError(f"{len(images)} images but {len(embedded)} embeddings: the caches disagree")
-        self.images = images.select_columns(["image"])
+        self.pixels = SplitPixels(images, decoded_cache_mb)
         self.embedded = embedded.select_columns(["image_embedding", "token_ids"]).with_format("numpy")
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels)
 
     def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
         return {name: value[0] for name, value in self.__getitems__([index]).items()}
 
     def __getitems__(self, indices: list[int]) -> dict[str, torch.Tensor]:
-        pictures = self.images[indices]["image"]
         rows = self.embedded[indices]
-        pixels = np.stack([np.asarray(p.convert("RGB"), dtype=np.uint8) for p in pictures])
         return {
-            "pixels": torch.from_numpy(pixels),
+            "pixels": torch.from_numpy(self.pixels[indices]),
             "image_embedding": torch.from_numpy(np.asarray(rows["image_embedding"], dtype=np.float32)),
             "token_ids": torch.from_numpy(np.asarray(rows["token_ids"], dtype=np.int64)),
         }
@@ -178,7 +177,9 @@ class DecoderStage(Stage):
         self.encoder.to(accelerator.device)  # evaluation embeds the decoded images next to the decoder
 
     def train_dataset(self) -> Dataset:
-        return ImagesWithEmbeddings(self.images["train"], self.embedded["train"])
+        return ImagesWithEmbeddings(
+            self.images["train"], self.embedded["train"], self.cfg.data.decoded_cache_mb
+        )
 
     def skipped_samples(self) -> int:
         if self.cfg.stage.embeddings.path:

@@ -54,6 +54,7 @@ from omegaconf import DictConfig, OmegaConf
 from torch.utils.data import Dataset, default_collate
 
 from unclip.data.degrade import DEGRADATIONS, degrade
+from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
@@ -63,20 +64,19 @@ from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsamp
 
 
 class Pictures(Dataset):
-    """The ``image`` column of a split as uint8 (B, S, S, 3) pixels, decoded a batch at a time."""
+    """The ``image`` column of a split as uint8 (B, S, S, 3) pixels (see :class:`SplitPixels`)."""
 
-    def __init__(self, images: datasets.Dataset) -> None:
-        self.images = images.select_columns(["image"])
+    def __init__(self, images: datasets.Dataset, decoded_cache_mb: int) -> None:
+        self.pixels = SplitPixels(images, decoded_cache_mb)
 
     def __len__(self) -> int:
-        return len(self.images)
+        return len(self.pixels)
 
     def __getitem__(self, index: int) -> torch.Tensor:
         return self.__getitems__([index])[0]
 
     def __getitems__(self, indices: list[int]) -> torch.Tensor:
-        pictures = self.images[indices]["image"]
-        return torch.from_numpy(np.stack([np.asarray(p.convert("RGB"), dtype=np.uint8) for p in pictures]))
+        return torch.from_numpy(self.pixels[indices])
 
 
 def _config(stage: DictConfig) -> UpsamplerConfig:
@@ -183,7 +183,7 @@ class UpsamplerStage(Stage):
         )
 
     def train_dataset(self) -> Dataset:
-        return Pictures(self.images["train"])
+        return Pictures(self.images["train"], self.cfg.data.decoded_cache_mb)
 
     def streams_training_data(self) -> bool:
         return is_streaming(self.cfg.data)
