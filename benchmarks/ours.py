@@ -14,6 +14,7 @@ from __future__ import annotations
 from types import SimpleNamespace
 
 import torch
+from omegaconf import OmegaConf
 from torch import nn
 
 from benchmarks.harness import Candidate, autocast
@@ -250,7 +251,7 @@ def w5_upsample(
 
 def w6_cascade(device: torch.device, precision: str) -> Candidate:
     """text -> 1024 px, one image, through the whole cascade with every stage's exported defaults (prior 64
-    steps best-of-2, decoder 25 guided steps, sr256 27 steps, sr1024 15 steps), untrained weights, the
+    steps best-of-2, decoder 15 guided steps, sr256 27 steps, sr1024 15 steps), untrained weights, the
     shapes recipe's tiny CLIP (needs open_clip)."""
     from pathlib import Path
 
@@ -259,19 +260,8 @@ def w6_cascade(device: torch.device, precision: str) -> Candidate:
     from unclip.pipeline import UnCLIPPipeline, sampling_precision
 
     torch.manual_seed(0)
-    arch = {
-        "embed_dim": 128,
-        "conv_tower": {"image_size": 64, "channels": [32, 64, 128, 128, 128], "strides": [2, 2, 2, 1, 1]},
-        "text_cfg": {
-            "context_length": 24,
-            "vocab_size": 49408,
-            "width": 64,
-            "heads": 2,
-            "layers": 2,
-            "mlp_ratio": 2.0,
-        },
-    }
-    clip = ClipEncoder("tiny-convnet-64", None, arch).eval()
+    tiny = OmegaConf.load(Path(__file__).parents[1] / "conf" / "clip_model" / "tiny_convnet.yaml")
+    clip = ClipEncoder(str(tiny.name), None, OmegaConf.to_container(tiny.arch)).eval()
     config = PriorConfig(clip_embed_dim=128, text_token_dim=64, max_text_tokens=24)
     prior = DiffusionPrior(config, EmbeddingNormalizer("zscore", 128), "cosine", PRIOR_SAMPLING)
     dconf = decoder_config("tiny", clip_embed_dim=128, context_length=24, learn_sigma=True)
