@@ -65,10 +65,14 @@ def test_eval_of_the_last_checkpoint_is_the_final_evaluation(runs):
     assert json.loads(done.stdout)["eval"] == _final_eval(prior)
 
 
-def test_eval_applies_new_settings_and_writes_out(runs, tmp_path):
+@pytest.mark.parametrize(
+    "options_first", [False, True], ids=["overrides-then-options", "options-then-overrides"]
+)
+def test_eval_applies_new_settings_and_writes_out(runs, tmp_path, options_first):
     prior = runs[1]
     out = tmp_path / "metrics.json"
-    args = [str(prior), "stage.sampling.guidance_scale=0.0", "stage.eval_captions=8", "--out", str(out)]
+    overrides, options = ["stage.sampling.guidance_scale=0.0", "stage.eval_captions=8"], ["--out", str(out)]
+    args = [str(prior), *(options + overrides if options_first else overrides + options)]
     done = _evaluate(prior.parent, args)
     assert done.returncode == 0, done.stderr[-2000:]
     metrics = json.loads(out.read_text())["eval"]

@@ -115,7 +115,7 @@ def evaluate_run_main(argv: list[str]) -> None:
     )
     parser.add_argument("--out", type=Path, default=None, help="also write the metrics to this JSON file")
     parser.add_argument("--debug", action="store_true", help="print the traceback of an error")
-    args = parser.parse_args(argv)
+    args = parser.parse_intermixed_args(argv)  # options may come after the overrides
     try:
         metrics = evaluate_run(args.run, args.overrides, args.export, args.checkpoint)
     except UnclipError as err:
