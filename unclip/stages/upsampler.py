@@ -38,7 +38,13 @@ untrained start. Variants of sr1024 (one core each, 300 steps, bicubic base): de
 2 x 2 stem with 8/16/32 channels +0.18 / -0.28, 1.5 x slower; no degradation and a cosine schedule (200
 steps) +0.28 / +0.19. The 500-step checkpoint samples identically
 with 15 and 50 DDIM steps (its x0 prediction follows the condition, not x_t). Why sr1024 learns nothing in
-this budget while the same network learns sr256 is not yet known.
+this budget while sr256 learns is not yet known. Two later probes (4 held-out images per split at 1024 px):
+the sr256 recipe's weights, applied as they are to 256 -> 1024 (same 4x factor, 27 DDIM steps, 37 s an
+image), gain +3.5 / -2.2 dB, so the local task transfers on seen pairs; but training sr1024 with sr256's
+2 x 2 stem on 64 px crops (crop_fraction 0.0625, batch 32, 500 steps) gains -2.5 / -3.0 dB with consistency
+falling to 38.8 / 45.9 dB. Suspects, not yet tested: the 4 x 4 stem packs 48 input values per position into
+16 channels, too few to carry x_t through; and GroupNorm statistics of mostly flat small crops differ from
+those of whole images.
 """
 
 from __future__ import annotations
