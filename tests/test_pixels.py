@@ -39,8 +39,8 @@ def test_each_image_is_decoded_once_when_kept(monkeypatch) -> None:
     split = _split([16] * 6)
     pixels = SplitPixels(split, budget_mb=1)
     calls = []
-    real = pixels_module._pixels
-    monkeypatch.setattr(pixels_module, "_pixels", lambda picture: calls.append(1) or real(picture))
+    real = pixels_module.rgb_pixels
+    monkeypatch.setattr(pixels_module, "rgb_pixels", lambda picture: calls.append(1) or real(picture))
     pixels[[0, 1, 1]]
     pixels[[1, 2, 0, 5]]
     pixels[list(range(6))]

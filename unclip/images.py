@@ -105,6 +105,12 @@ def _to_rgb(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.float32) / 255.0
 
 
+def rgb_pixels(image: Image.Image) -> np.ndarray:
+    """uint8 (H, W, 3) pixels of an image through Pillow's RGB conversion: how the images of a data source's
+    cached split (already RGB squares, written by :func:`decode_square`) are read back."""
+    return np.asarray(image.convert("RGB"), dtype=np.uint8)
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1], upright as its EXIF tag says."""
     path = Path(path)

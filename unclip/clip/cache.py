@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from unclip.clip.model import ClipEncoder
+from unclip.images import rgb_pixels
 from unclip.io import write_text
 
 EMBEDDING_COLUMNS = ("image_embedding", "text_embedding", "token_ids", "text_tokens", "token_mask")
@@ -37,7 +38,7 @@ def embed_batch(
     """The :data:`EMBEDDING_COLUMNS` of a batch of PIL images (at the encoder's size) and their captions, the
     caption columns cut to ``length`` tokens."""
     device = next(encoder.parameters()).device
-    pixels = np.stack([np.asarray(im.convert("RGB"), dtype=np.uint8) for im in images])
+    pixels = np.stack([rgb_pixels(im) for im in images])
     pixels = torch.from_numpy(pixels).to(device).permute(0, 3, 1, 2).float() / 255.0
     ids = encoder.tokenize(captions)
     text = encoder.encode_text(ids)

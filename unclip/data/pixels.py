@@ -15,10 +15,7 @@ import datasets
 import numpy as np
 
 from unclip.errors import DataError
-
-
-def _pixels(picture) -> np.ndarray:
-    return np.asarray(picture.convert("RGB"), dtype=np.uint8)
+from unclip.images import rgb_pixels
 
 
 class SplitPixels:
@@ -28,7 +25,7 @@ class SplitPixels:
         self.images = split.select_columns(["image"])
         self._kept: np.ndarray | None = None
         if len(self.images) and budget_mb > 0:
-            height, width, _ = _pixels(self.images[0]["image"]).shape
+            height, width, _ = rgb_pixels(self.images[0]["image"]).shape
             if len(self.images) * height * width * 3 <= budget_mb * 2**20:
                 # np.zeros maps pages lazily: memory is committed only as images are decoded into it
                 self._kept = np.zeros((len(self.images), height, width, 3), dtype=np.uint8)
@@ -44,12 +41,12 @@ class SplitPixels:
 
     def __getitem__(self, indices: list[int]) -> np.ndarray:
         if self._kept is None:
-            return np.stack([_pixels(p) for p in self.images[list(indices)]["image"]])
+            return np.stack([rgb_pixels(p) for p in self.images[list(indices)]["image"]])
         wanted = np.asarray(indices, dtype=np.int64)
         missing = np.unique(wanted[~self._decoded[wanted]])
         if len(missing):
             for index, picture in zip(missing, self.images[missing.tolist()]["image"]):
-                pixels = _pixels(picture)
+                pixels = rgb_pixels(picture)
                 if pixels.shape != self._kept.shape[1:]:
                     raise DataError(
                         f"image {index} is {pixels.shape[1]}x{pixels.shape[0]} px where the split's first "

@@ -60,9 +60,10 @@ class Stage(ABC):
         """Corrupt samples dropped while building the cached training split (shown while training)."""
         return 0
 
-    def collate(self, items: list[Any]) -> Any:
-        """Batch a list of examples; torch's default stacking unless overridden."""
-        return default_collate(items)
+    def collate(self, items: Any) -> Any:
+        """Batch a list of examples with torch's default stacking. Anything else is already a batch: what a
+        dataset's ``__getitems__`` returns when it reads a whole batch at once."""
+        return default_collate(items) if isinstance(items, list) else items
 
     def setup(self, accelerator: Any) -> None:
         """Receive the Accelerator once the model is wrapped (process count, device, ...)."""

@@ -18,13 +18,14 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from unclip.clip.model import ClipEncoder
 from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.eval.retrieval import retrieval_recall
 from unclip.eval.zero_shot import zero_shot_accuracy
+from unclip.images import rgb_pixels
 from unclip.stages.base import Stage
 
 MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clips its learned temperature at 100
@@ -32,7 +33,7 @@ MAX_LOGIT_SCALE = float(np.log(100.0))  # CLIP clips its learned temperature at 
 
 def image_to_tensor(image: Any) -> torch.Tensor:
     """A PIL RGB image to a uint8 tensor (3, H, W)."""
-    return torch.from_numpy(np.asarray(image.convert("RGB"), dtype=np.uint8).copy()).permute(2, 0, 1)
+    return torch.from_numpy(rgb_pixels(image).copy()).permute(2, 0, 1)
 
 
 class CaptionedImages(Dataset):
@@ -120,10 +121,6 @@ class ClipStage(Stage):
             rank=accelerator.process_index,
             world_size=accelerator.num_processes,
         )
-
-    def collate(self, items: Any) -> dict[str, torch.Tensor]:
-        # CaptionedImages.__getitems__ already returns a batch; streamed examples are stacked as usual
-        return items if isinstance(items, dict) else default_collate(items)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

@@ -61,7 +61,7 @@ import datasets
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
@@ -205,10 +205,6 @@ class DecoderStage(Stage):
                 for column, (key, dtype) in STREAM_DTYPES.items()
             }
             yield example, 0
-
-    def collate(self, items: Any) -> dict[str, torch.Tensor]:
-        # ImagesWithEmbeddings.__getitems__ already returns a batch; single items are stacked as usual
-        return items if isinstance(items, dict) else default_collate(items)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

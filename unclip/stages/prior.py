@@ -27,7 +27,7 @@ import numpy as np
 import pyarrow as pa
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from unclip.clip.cache import embed_split
 from unclip.clip.model import ClipEncoder
@@ -153,10 +153,6 @@ class PriorStage(Stage):
     def train_stream(self, **stream: int) -> Iterator[tuple[dict[str, torch.Tensor], int]]:
         for row in self.parts.stream_rows("train", TRAIN_COLUMNS, **stream):
             yield {name: torch.tensor(np.asarray(row[name])) for name in TRAIN_COLUMNS}, 0
-
-    def collate(self, items: Any) -> dict[str, torch.Tensor]:
-        # EmbeddedCaptions.__getitems__ already returns a batch; single items are stacked as usual
-        return items if isinstance(items, dict) else default_collate(items)
 
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]

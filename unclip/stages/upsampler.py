@@ -57,13 +57,14 @@ import datasets
 import numpy as np
 import torch
 from omegaconf import DictConfig, OmegaConf
-from torch.utils.data import Dataset, default_collate
+from torch.utils.data import Dataset
 
 from unclip.data.degrade import DEGRADATIONS, degrade
 from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
+from unclip.images import rgb_pixels
 from unclip.models.upsampler import UpsamplerConfig
 from unclip.stages.base import Stage, image_diffusion_settings
 from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsampler_config
@@ -196,17 +197,13 @@ class UpsamplerStage(Stage):
 
     def train_stream(self, **stream: int) -> Iterator[tuple[torch.Tensor, int]]:
         for record in open_stream(self.cfg.data, "train", int(self.cfg.stage.image_size), **stream):
-            pixels = np.asarray(record["image"].convert("RGB"), dtype=np.uint8).copy()
+            pixels = rgb_pixels(record["image"]).copy()
             yield torch.from_numpy(pixels), record["skipped"]
 
     def skipped_samples(self) -> int:
         if "train" not in self.images:
             return 0
         return skipped_samples(self.cfg.data, "train", int(self.cfg.stage.image_size))
-
-    def collate(self, items: Any) -> torch.Tensor:
-        # Pictures.__getitems__ already returns a batch; single items are stacked as usual
-        return items if isinstance(items, torch.Tensor) else default_collate(items)
 
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         stage = self.cfg.stage
@@ -227,8 +224,8 @@ class UpsamplerStage(Stage):
         metrics: dict[str, float] = {}
         for split in split_names(self.cfg.data)[1:]:
             count = min(stage.eval_images, len(self.low_res[split]))
-            lows = [np.asarray(self.low_res[split][i]["image"].convert("RGB")) for i in range(count)]
-            highs = [np.asarray(self.images[split][i]["image"].convert("RGB")) for i in range(count)]
+            lows = [rgb_pixels(self.low_res[split][i]["image"]) for i in range(count)]
+            highs = [rgb_pixels(self.images[split][i]["image"]) for i in range(count)]
             found = evaluate_upsampler(
                 model,
                 lows,
