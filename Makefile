@@ -26,11 +26,15 @@ setup: $(VENV)/.deps-installed
 demo: setup
 	bash recipes/shapes/run.sh
 
+# One pytest worker per core (pytest-xdist), a test file per worker at a time, one torch thread each:
+# the CLI tests spend most of their time importing torch and open_clip in subprocesses, which overlap.
+PYTEST_PARALLEL := -n auto --dist loadfile
+
 test: setup
-	$(BIN)/python -m pytest -q --durations=15
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) --durations=15
 
 test-fast: setup
-	$(BIN)/python -m pytest -q -m "not slow"
+	$(BIN)/python -m pytest -q $(PYTEST_PARALLEL) -m "not slow"
 
 lint: setup
 	$(BIN)/ruff check unclip tests benchmarks recipes

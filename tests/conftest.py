@@ -104,7 +104,11 @@ def data_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     folder = tmp_path_factory.mktemp("unclip-cache")
     os.environ["UNCLIP_CACHE"] = str(folder)
     os.environ.setdefault("WANDB_MODE", "offline")
-    torch.set_num_threads(min(2, torch.get_num_threads()))  # CI machines have 2 cores
+    if os.environ.get("PYTEST_XDIST_WORKER"):  # pytest -n N: one thread per worker, its subprocesses too
+        os.environ["OMP_NUM_THREADS"] = "1"
+        torch.set_num_threads(1)
+    else:
+        torch.set_num_threads(min(2, torch.get_num_threads()))  # CI machines have 2 cores
     return folder
 
 
