@@ -13,6 +13,7 @@ from unclip.clip.model import ClipEncoder
 from unclip.config.schema import validate
 from unclip.decoder_sampling import DiffusionDecoder, decoder_config, sample_decoder
 from unclip.errors import CheckpointError, ConfigError, DataError
+from unclip.eval.decoder_eval import denoising_profile
 from unclip.images import load_image
 from unclip.io import read_yaml
 from unclip.models.prior import PriorConfig
@@ -162,6 +163,7 @@ def test_stage_trains_through_the_trainer_and_exports(trained_run, clip_dirs, da
         for mode in ("", "no_caption/"):
             for key in ("colour_acc", "shape_acc", "position_acc", "clip_cosine", "clip_cosine_shuffled"):
                 assert f"{split}/{mode}{key}" in metrics
+        assert {f"{split}/x0_mse@t={t}" for t in (0, 50, 150, 300, 599)} <= set(metrics)
     assert -1 <= metrics["eval_seen/clip_cosine"] <= 1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and "vb" in r for r in rows)
@@ -171,6 +173,36 @@ def test_stage_trains_through_the_trainer_and_exports(trained_run, clip_dirs, da
     assert config["model"]["clip_embed_dim"] == 32 and config["model"]["text"]["context_length"] == 24
     assert config["image_size"] == 32 and config["sampling"]["steps"] == "4"
     assert (data_cache / "embeddings" / fingerprint).is_dir()  # the splits were embedded once, cached
+
+
+def test_denoising_profile_scores_the_x0_estimate_against_the_noisy_input(monkeypatch):
+    """An oracle network (its output is the true x_0) scores 0 at every noise level; a blind one (outputs 0)
+    scores the mean square of the images; the noisy input scores 1 / SNR(t)."""
+    decoder = small_decoder(prediction="x0").eval()
+    images = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    embeddings, tokens = torch.randn(64, 32), torch.randint(1, 100, (64, 24))
+    true_x0 = images * 2 - 1
+
+    def profile():
+        return denoising_profile(
+            decoder,
+            images,
+            embeddings,
+            tokens,
+            generator=torch.Generator().manual_seed(0),
+            fractions=(0, 0.5),
+        )
+
+    monkeypatch.setattr(decoder.net, "forward", lambda x_t, t, cond: torch.cat([true_x0, true_x0], dim=1))
+    oracle = profile()
+    assert set(oracle) == {"x0_mse@t=0", "input_mse@t=0", "x0_mse@t=50", "input_mse@t=50"}
+    assert oracle["x0_mse@t=0"] < 1e-12 and oracle["x0_mse@t=50"] < 1e-12
+    snr = decoder.diffusion.schedule.snr
+    for t in (0, 50):
+        assert oracle[f"input_mse@t={t}"] == pytest.approx(1 / snr[t], rel=0.05)
+    monkeypatch.setattr(decoder.net, "forward", lambda x_t, t, cond: torch.zeros_like(x_t).repeat(1, 2, 1, 1))
+    blind = profile()
+    assert blind["x0_mse@t=50"] == pytest.approx(float(true_x0.square().mean()), rel=1e-5)
 
 
 def test_export_load_round_trip_and_refusals(trained_run, clip_dirs, tmp_path):

@@ -9,6 +9,11 @@ as image variation does), and the output is compared with the source:
 - ``clip_cosine``: mean cosine similarity between the CLIP embedding of the output and the source's;
 - ``clip_cosine_shuffled``: the same against another, randomly paired source: the similarity any output of
   this data reaches, so the gap to ``clip_cosine`` is what the decoder kept of its particular source.
+
+:func:`denoising_profile` says where along the noise levels a decoder loses its images: the error of its
+one-step x_0 estimate from the true image noised to a few timesteps, beside the error of the noisy image
+itself. A decoder that cannot beat its own input at low noise cannot draw detail, however well it places
+colour and layout at high noise.
 """
 
 from __future__ import annotations
@@ -19,6 +24,7 @@ import torch.nn.functional as F
 
 from unclip.clip.model import ClipEncoder
 from unclip.decoder_sampling import DiffusionDecoder, sample_decoder
+from unclip.diffusion.gaussian import mean_flat
 from unclip.eval.shapes_reader import ATTRIBUTES, attribute_accuracy
 from unclip.images import to_uint8
 
@@ -64,4 +70,41 @@ def evaluate_decoder(
     metrics["clip_cosine"] = float(F.cosine_similarity(embedded, truth, dim=-1).mean())
     shuffled = truth[derangement(len(truth), generator)]
     metrics["clip_cosine_shuffled"] = float(F.cosine_similarity(embedded, shuffled, dim=-1).mean())
+    return metrics
+
+
+# Timesteps of the denoising profile, as fractions of the schedule (0: the clean image itself).
+PROFILE_FRACTIONS = (0.0, 0.05, 0.15, 0.3, 0.6)
+
+
+@torch.no_grad()
+def denoising_profile(
+    decoder: DiffusionDecoder,
+    images: torch.Tensor,
+    image_embedding: torch.Tensor,
+    caption_tokens: torch.Tensor | None,
+    *,
+    generator: torch.Generator,
+    fractions: tuple[float, ...] = PROFILE_FRACTIONS,
+) -> dict[str, float]:
+    """Per timestep t = round(f * (T - 1)) for f in ``fractions``: ``x0_mse@t=<t>``, the mean squared error
+    (images in [-1, 1]) of the decoder's x_0 estimate from x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps
+    of (B, 3, S, S) ``images`` in [0, 1], conditioned (unguided) on their CLIP embeddings and captions; and
+    ``input_mse@t=<t>``, the error of x_t / sqrt(alpha_bar), the noisy image taken as its own estimate
+    (1 / SNR(t) in expectation)."""
+    diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
+    device = decoder.net.null_image_embedding.device
+    x0 = images.to(device, torch.float32) * 2 - 1
+    tokens = None if caption_tokens is None else caption_tokens.to(device)
+    cond = decoder.net.encode_condition(image_embedding.to(device, torch.float32), tokens)
+    metrics = {}
+    for fraction in fractions:
+        t = round(fraction * last)
+        noise = torch.randn(x0.shape, generator=generator).to(device)
+        x_t = diffusion.q_sample(x0, t, noise)
+        mean_out, _ = diffusion.split_output(decoder.net(x_t, torch.full((len(x0),), t, device=device), cond))
+        estimate = diffusion.predict(x_t, t, mean_out)[0]
+        metrics[f"x0_mse@t={t}"] = float(mean_flat((estimate - x0) ** 2).mean())
+        as_is = x_t / float(diffusion.schedule.sqrt_alphas_cumprod[t])
+        metrics[f"input_mse@t={t}"] = float(mean_flat((as_is - x0) ** 2).mean())
     return metrics
