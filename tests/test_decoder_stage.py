@@ -179,14 +179,13 @@ def test_denoising_profile_scores_the_x0_estimate_against_the_noisy_input(monkey
     """An oracle network (its output is the true x_0) scores 0 at every noise level; a blind one (outputs 0)
     scores the mean square of the images; the noisy input scores 1 / SNR(t)."""
     decoder = small_decoder(prediction="x0").eval()
-    images = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    true_x0 = torch.rand(64, 3, 16, 16, generator=torch.Generator().manual_seed(1)) * 2 - 1
     embeddings, tokens = torch.randn(64, 32), torch.randint(1, 100, (64, 24))
-    true_x0 = images * 2 - 1
 
     def profile():
         return denoising_profile(
             decoder,
-            images,
+            true_x0,
             embeddings,
             tokens,
             generator=torch.Generator().manual_seed(0),

@@ -86,25 +86,28 @@ def denoising_profile(
     *,
     generator: torch.Generator,
     fractions: tuple[float, ...] = PROFILE_FRACTIONS,
+    batch_size: int = 64,
 ) -> dict[str, float]:
     """Per timestep t = round(f * (T - 1)) for f in ``fractions``: ``x0_mse@t=<t>``, the mean squared error
-    (images in [-1, 1]) of the decoder's x_0 estimate from x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps
-    of (B, 3, S, S) ``images`` in [0, 1], conditioned (unguided) on their CLIP embeddings and captions; and
-    ``input_mse@t=<t>``, the error of x_t / sqrt(alpha_bar), the noisy image taken as its own estimate
-    (1 / SNR(t) in expectation)."""
+    of the decoder's x_0 estimate from x_t = sqrt(alpha_bar) x_0 + sqrt(1 - alpha_bar) eps of (B, 3, S, S)
+    ``images`` in [-1, 1] (as the decoder trains on them), conditioned (unguided) on their CLIP embeddings
+    and captions; and ``input_mse@t=<t>``, the error of x_t / sqrt(alpha_bar), the noisy image taken as its
+    own estimate (1 / SNR(t) in expectation). Runs ``batch_size`` images at a time."""
     diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
     device = decoder.net.null_image_embedding.device
-    x0 = images.to(device, torch.float32) * 2 - 1
-    tokens = None if caption_tokens is None else caption_tokens.to(device)
-    cond = decoder.net.encode_condition(image_embedding.to(device, torch.float32), tokens)
-    metrics = {}
-    for fraction in fractions:
-        t = round(fraction * last)
-        noise = torch.randn(x0.shape, generator=generator).to(device)
-        x_t = diffusion.q_sample(x0, t, noise)
-        mean_out, _ = diffusion.split_output(decoder.net(x_t, torch.full((len(x0),), t, device=device), cond))
-        estimate = diffusion.predict(x_t, t, mean_out)[0]
-        metrics[f"x0_mse@t={t}"] = float(mean_flat((estimate - x0) ** 2).mean())
-        as_is = x_t / float(diffusion.schedule.sqrt_alphas_cumprod[t])
-        metrics[f"input_mse@t={t}"] = float(mean_flat((as_is - x0) ** 2).mean())
-    return metrics
+    timesteps = [round(fraction * last) for fraction in fractions]
+    totals = {f"{kind}@t={t}": 0.0 for t in timesteps for kind in ("x0_mse", "input_mse")}
+    for start in range(0, len(images), batch_size):
+        x0 = images[start : start + batch_size].to(device, torch.float32)
+        tokens = None if caption_tokens is None else caption_tokens[start : start + batch_size].to(device)
+        embedding = image_embedding[start : start + batch_size].to(device, torch.float32)
+        cond = decoder.net.encode_condition(embedding, tokens)  # once for every timestep
+        for t in timesteps:
+            noise = torch.randn(x0.shape, generator=generator).to(device)
+            x_t = diffusion.q_sample(x0, t, noise)
+            out = decoder.net(x_t, torch.full((len(x0),), t, device=device), cond)
+            estimate = diffusion.predict(x_t, t, diffusion.split_output(out)[0])[0]
+            as_is = x_t / float(diffusion.schedule.sqrt_alphas_cumprod[t])
+            totals[f"x0_mse@t={t}"] += float(mean_flat((estimate - x0) ** 2).sum())
+            totals[f"input_mse@t={t}"] += float(mean_flat((as_is - x0) ** 2).sum())
+    return {key: total / len(images) for key, total in totals.items()}

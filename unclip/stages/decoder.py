@@ -140,6 +140,11 @@ class ImagesWithEmbeddings(Dataset):
         }
 
 
+def model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, S, S, 3) pixels as the decoder sees images: float (B, 3, S, S) in [-1, 1]."""
+    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
 def _overrides(node: DictConfig) -> dict[str, Any]:
     """The fields of an overrides node that are set (null keeps the preset's)."""
     return {k: v for k, v in OmegaConf.to_container(node).items() if v is not None}
@@ -242,7 +247,7 @@ class DecoderStage(Stage):
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        images = batch["pixels"].permute(0, 3, 1, 2).float() / 127.5 - 1.0
+        images = model_range(batch["pixels"])
         terms = model(
             images,
             batch["image_embedding"],
@@ -269,13 +274,13 @@ class DecoderStage(Stage):
                     model, self.encoder, rows, generator=generator, with_caption=with_caption
                 )
                 metrics.update({f"{split}/{prefix}{key}": value for key, value in found.items()})
-            pixels = SplitPixels(self.images[split], 0)[list(range(len(rows)))]
-            conditions = rows.with_format("torch", columns=["image_embedding", "token_ids"])[:]
+            examples = ImagesWithEmbeddings(self.images[split].select(range(len(rows))), rows, 0)
+            batch = examples.__getitems__(list(range(len(rows))))
             profile = denoising_profile(
                 model,
-                torch.from_numpy(pixels).permute(0, 3, 1, 2).float() / 255,
-                conditions["image_embedding"],
-                conditions["token_ids"].long(),
+                model_range(batch["pixels"]),
+                batch["image_embedding"],
+                batch["token_ids"],
                 generator=torch.Generator().manual_seed(int(self.cfg.seed)),
             )
             metrics.update({f"{split}/{key}": value for key, value in profile.items()})
