@@ -69,6 +69,20 @@ def test_zero_initialised_output() -> None:
     assert randomize_zero_params(model)(torch.randn(2, 3, 8, 8), torch.tensor([1, 2])).abs().sum() > 0
 
 
+def test_output_norm_can_be_left_out() -> None:
+    """``output_norm=False`` drops ADM's last GroupNorm (and its weights), so a checkpoint of one kind
+    never loads strictly into the other; the output stays zero-initialised."""
+    with_norm, without = UNet(small_config()), UNet(small_config(output_norm=False))
+    assert "out_norm.weight" in with_norm.state_dict()
+    assert not any(key.startswith("out_norm.") for key in without.state_dict())
+    x, t = torch.randn(2, 3, 8, 8), torch.tensor([1, 2])
+    assert torch.equal(without(x, t), torch.zeros(2, 3, 8, 8))
+    out = randomize_zero_params(without)(x, t)
+    assert out.shape == (2, 3, 8, 8) and out.abs().sum() > 0
+    with pytest.raises(RuntimeError, match="out_norm"):
+        without.load_state_dict(with_norm.state_dict())
+
+
 def test_padded_context_tokens_do_not_change_output() -> None:
     torch.manual_seed(0)
     model = randomize_zero_params(UNet(small_config(context_dim=8))).eval()

@@ -199,6 +199,7 @@ class DecoderUNetOverrides:
     stem_factor: int | None = None
     num_groups: int | None = None
     use_checkpoint: bool | None = None
+    output_norm: bool | None = None
 
 
 @dataclass

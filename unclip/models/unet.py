@@ -39,7 +39,8 @@ class UNetConfig:
     level on the way down (one more on the way up, as in ADM); ``attention_downsample`` as explained in the
     module docstring (the middle block has attention when the deepest level's factor is listed);
     ``context_dim`` is the width of the conditioning tokens (``None``: self-attention only);
-    ``learn_sigma`` doubles the output channels for the learned variance of Nichol & Dhariwal 2021 §3.1.
+    ``learn_sigma`` doubles the output channels for the learned variance of Nichol & Dhariwal 2021 §3.1;
+    ``output_norm`` keeps ADM's GroupNorm before the output convolution (see :class:`UNet` for when not to).
     """
 
     in_channels: int = 3
@@ -55,6 +56,7 @@ class UNetConfig:
     stem_factor: int = 1
     num_groups: int = 32
     use_checkpoint: bool = False
+    output_norm: bool = True
 
     def __post_init__(self) -> None:
         # Hydra / OmegaConf hand sequences over as lists.
@@ -276,7 +278,10 @@ class UNet(nn.Module):
                 self.up.append(Stage(layers, ckpt))
 
         out_channels = cfg.out_channels * (2 if cfg.learn_sigma else 1)
-        self.out_norm = nn.GroupNorm(cfg.num_groups, ch)
+        # ADM normalises the features before the output convolution. That removes each image's mean and scale
+        # per group, which an eps target (zero-mean noise) does not miss; an x_0 target of flat colours must
+        # rebuild its absolute levels past it, and the tiny decoder learns sharp x_0 faster without it.
+        self.out_norm = nn.GroupNorm(cfg.num_groups, ch) if cfg.output_norm else nn.Identity()
         self.out_conv = zero_init(nn.Conv2d(ch, out_channels * f * f, 3, padding=1))
 
     def forward(
