@@ -111,6 +111,11 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
     return np.asarray(image.convert("RGB"), dtype=np.uint8)
 
 
+def model_range(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 (B, 3, H, W) pixels as the image diffusion models see them: float32 in [-1, 1]."""
+    return pixels.float() / 127.5 - 1.0
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1], upright as its EXIF tag says."""
     path = Path(path)

@@ -129,6 +129,7 @@ from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_co
 from unclip.embed import EmbeddedParts
 from unclip.errors import ConfigError
 from unclip.eval.decoder_eval import denoising_profile, evaluate_decoder
+from unclip.images import model_range
 from unclip.models.decoder import DecoderConfig
 from unclip.stages.base import Stage, image_diffusion_settings
 
@@ -163,11 +164,6 @@ class ImagesWithEmbeddings(Dataset):
             "image_embedding": torch.from_numpy(np.asarray(rows["image_embedding"], dtype=np.float32)),
             "token_ids": torch.from_numpy(np.asarray(rows["token_ids"], dtype=np.int64)),
         }
-
-
-def model_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, S, S, 3) pixels as the decoder sees images: float (B, 3, S, S) in [-1, 1]."""
-    return pixels.permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
 def _overrides(node: DictConfig) -> dict[str, Any]:
@@ -272,7 +268,7 @@ class DecoderStage(Stage):
     def loss(
         self, model: torch.nn.Module, batch: dict[str, torch.Tensor]
     ) -> tuple[torch.Tensor, dict[str, Any]]:
-        images = model_range(batch["pixels"])
+        images = model_range(batch["pixels"].permute(0, 3, 1, 2))
         terms = model(
             images,
             batch["image_embedding"],
@@ -303,7 +299,7 @@ class DecoderStage(Stage):
             batch = examples.__getitems__(list(range(len(rows))))
             profile = denoising_profile(
                 model,
-                model_range(batch["pixels"]),
+                model_range(batch["pixels"].permute(0, 3, 1, 2)),
                 batch["image_embedding"],
                 batch["token_ids"],
                 generator=torch.Generator().manual_seed(int(self.cfg.seed)),

@@ -64,7 +64,7 @@ from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
-from unclip.images import rgb_pixels
+from unclip.images import model_range, rgb_pixels
 from unclip.models.upsampler import UpsamplerConfig
 from unclip.stages.base import Stage, image_diffusion_settings
 from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsampler_config
@@ -208,7 +208,7 @@ class UpsamplerStage(Stage):
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         stage = self.cfg.stage
         scale = _scale(stage)
-        images = random_crops(batch.permute(0, 3, 1, 2), self.crop, scale).float() / 127.5 - 1.0
+        images = model_range(random_crops(batch.permute(0, 3, 1, 2), self.crop, scale))
         condition = degrade(
             box_downsample(images, scale),
             stage.degradation,
