@@ -44,7 +44,11 @@ image), gain +3.5 / -2.2 dB, so the local task transfers on seen pairs; but trai
 2 x 2 stem on 64 px crops (crop_fraction 0.0625, batch 32, 500 steps) gains -2.5 / -3.0 dB with consistency
 falling to 38.8 / 45.9 dB. Suspects, not yet tested: the 4 x 4 stem packs 48 input values per position into
 16 channels, too few to carry x_t through; and GroupNorm statistics of mostly flat small crops differ from
-those of whole images.
+those of whole images. The second is not it: the recipe's model (retrained, +0.06 / -0.28 dB whole, 4 images
+per split) sampled in 256 px tiles, so that every group norm sees a crop like those it trained on, gains
++0.11 / -0.25 dB. And sr256's settings on the 1024 px renders (its 2 x 2 stem preset, 64 px crops, batch 32,
+blur instead of BSR, cosine schedule, 500 steps; 8.5 min for the command) gain +0.52 / -0.56 dB (8 images per
+split): better than the recipe on seen pairs, worse on held-out ones, and short of +1 dB on both.
 """
 
 from __future__ import annotations
