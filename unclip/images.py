@@ -112,7 +112,8 @@ def rgb_pixels(image: Image.Image) -> np.ndarray:
 
 
 def model_range(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 (B, 3, H, W) pixels as the image diffusion models see them: float32 in [-1, 1]."""
+    """uint8 channel-first pixels, (3, H, W) or (B, 3, H, W), as the image diffusion models see them:
+    float32 in [-1, 1]."""
     return pixels.float() / 127.5 - 1.0
 
 

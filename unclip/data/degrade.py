@@ -27,6 +27,7 @@ from PIL import Image
 from torch import Tensor
 
 from unclip.errors import ConfigError
+from unclip.images import model_range
 
 DEGRADATIONS = ("none", "blur", "bsr")
 BSR_PROBABILITY = 0.5
@@ -80,8 +81,8 @@ def _jpeg(image: Tensor, quality: int) -> Tensor:
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"), dtype=np.float32)
-    return torch.from_numpy(decoded).permute(2, 0, 1).to(image) / 127.5 - 1
+    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    return model_range(torch.from_numpy(decoded).permute(2, 0, 1)).to(image)
 
 
 def _resize_down_up(image: Tensor, scale: float, mode: str) -> Tensor:
