@@ -15,8 +15,15 @@ from unclip.diffusion.tiling import tile_starts, tiled
 from unclip.errors import CheckpointError, ConfigError
 from unclip.eval.upsampler_eval import bicubic, psnr
 from unclip.io import read_yaml
+from unclip.stages.upsampler import random_crops
 from unclip.train.trainer import Trainer
-from unclip.upsampler_sampling import DiffusionUpsampler, upsample, upsampler_config
+from unclip.upsampler_sampling import (
+    DiffusionUpsampler,
+    back_project,
+    check_sampling,
+    upsample,
+    upsampler_config,
+)
 
 FAST_SR = [
     "stage=sr256",
@@ -150,6 +157,52 @@ def test_upsample_sizes_tiling_and_save_load(tmp_path):
         DiffusionUpsampler.load(tmp_path / "other")
 
 
+def test_back_projection_fixes_block_means_and_keeps_the_detail_inside_blocks():
+    g = torch.Generator().manual_seed(0)
+    x0, low = torch.randn(2, 3, 16, 24, generator=g), torch.randn(2, 3, 4, 6, generator=g)
+    projected = back_project(x0, low, 4)
+    torch.testing.assert_close(F.avg_pool2d(projected, 4), low)  # consistent with the input, in one step
+    shift = projected - x0  # the correction is constant over each 4 x 4 block: detail is untouched
+    torch.testing.assert_close(shift, F.interpolate(F.avg_pool2d(shift, 4), scale_factor=4, mode="nearest"))
+    torch.testing.assert_close(back_project(projected, low, 4), projected)  # a projection
+
+
+def test_consistent_sampling_matches_its_input_and_old_exports_sample_as_before():
+    model = small_upsampler()
+    low = 0.25 + 0.5 * torch.rand(2, 3, 8, 8, generator=torch.Generator().manual_seed(0))
+    raw = upsample(model, low, generator=torch.Generator().manual_seed(1))
+    kept = upsample(model, low, generator=torch.Generator().manual_seed(1), consistent=True)
+    assert (F.avg_pool2d(raw, 4) - low).abs().max() > 1e-3
+    inside = F.avg_pool2d(((kept > 0) & (kept < 1)).float(), 4) == 1  # blocks the final clamp to [0, 1] left
+    assert inside.float().mean() > 0.5
+    torch.testing.assert_close(F.avg_pool2d(kept, 4)[inside], low[inside], atol=1e-5, rtol=0)
+    assert "consistent" not in SAMPLING and check_sampling(SAMPLING, 100)["consistent"] is False
+    with pytest.raises(ConfigError, match="sampling.consistent"):
+        upsample(model, low, consistent="yes")
+
+
+def test_edge_centred_crops_hold_the_detail_and_stay_on_the_grid():
+    # channels 0 and 1 hold each pixel's row and column (ramps too gentle to count as detail), channel 2 one
+    # small square per image, which most uniform crops miss
+    ramp = torch.arange(128.0) / 1024
+    images = torch.stack(
+        [ramp[:, None].expand(128, 128), ramp[None, :].expand(128, 128), torch.full((128, 128), -0.5)]
+    )
+    images = images.repeat(64, 1, 1, 1)
+    images[:, 2, 90:100, 20:30] = 0.5
+    has_edge = lambda crops: (crops[:, 2].amax(dim=(1, 2)) > 0) & (crops[:, 2].amin(dim=(1, 2)) < 0)  # noqa: E731
+    uniform = random_crops(images, 32, 4, torch.Generator().manual_seed(0))
+    centred = random_crops(images, 32, 4, torch.Generator().manual_seed(0), edge_fraction=1.0)
+    assert has_edge(uniform).float().mean() < 0.3 and has_edge(centred).all()
+    assert torch.equal(
+        random_crops(images, 32, 4, torch.Generator().manual_seed(0), edge_fraction=1.0), centred
+    )
+    offsets = (centred[:, :2, 0, 0] * 1024).round().long()  # each crop's top-left row and column
+    assert (offsets % 4 == 0).all() and (offsets >= 0).all() and (offsets <= 96).all()
+    flat = torch.zeros(2, 3, 64, 64)  # nothing to centre on: the uniform crop is kept
+    assert random_crops(flat, 32, 4, edge_fraction=1.0).shape == (2, 3, 32, 32)
+
+
 def test_psnr_and_bicubic_reference():
     image = (np.random.default_rng(0).random((8, 8, 3)) * 255).astype(np.uint8)
     assert psnr(image, image) == 100.0
@@ -172,6 +225,7 @@ def test_stage_config_composes_and_bad_values_are_named(compose_cfg):
     for override, key in [
         ("stage.low_res_size=48", "stage.low_res_size"),
         ("stage.crop_fraction=0", "stage.crop_fraction"),
+        ("stage.edge_crop_fraction=1.5", "stage.edge_crop_fraction"),
         ("stage.degradation=jpeg", "stage.degradation"),
         ("stage.blur_sigma=[0.6,0.2]", "stage.blur_sigma"),
         ("stage.sampling.aug_level=0.1", "noise_aug_max"),

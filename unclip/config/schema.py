@@ -280,7 +280,8 @@ class UpsamplerModelConfig:
 @dataclass
 class UpsamplerSamplingConfig:
     """How an upsampler samples: sampler, steps, DDIM eta, the fixed noise-augmentation level of the
-    condition, and tiling (``tile_size`` 0: the whole image at once)."""
+    condition, tiling (``tile_size`` 0: the whole image at once), and whether every x_0 estimate is made
+    consistent with the input (:func:`unclip.upsampler_sampling.back_project`)."""
 
     sampler: str = "ddim"
     steps: str = "27"
@@ -288,6 +289,7 @@ class UpsamplerSamplingConfig:
     aug_level: float = 0.0
     tile_size: int = 0
     tile_overlap: int = 32
+    consistent: bool = True
 
 
 @dataclass
@@ -299,6 +301,7 @@ class UpsamplerStageConfig(StageConfig):
     image_size: int = 256
     low_res_size: int = 64
     crop_fraction: float = 0.25
+    edge_crop_fraction: float = 0.0  # this share of the crops is centred on a random pixel with detail
     model: UpsamplerModelConfig = field(default_factory=UpsamplerModelConfig)
     schedule: str = "cosine"
     schedule_shift: float = 1.0
@@ -409,6 +412,7 @@ class UpsamplerOverrides:
     aug_level: float | None = None
     tile_size: int | None = None  # 0: the whole image at once
     tile_overlap: int | None = None
+    consistent: bool | None = None
 
 
 @dataclass

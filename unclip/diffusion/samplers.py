@@ -252,10 +252,12 @@ def sample_images(
     generator: torch.Generator | None = None,
     progress: bool = False,
     device: torch.device | str | None = None,
+    x0_fn: X0Fn | None = None,
 ) -> Tensor:
     """Sample images in [-1, 1] with checked sampler settings (``sampler``, ``steps``, ``eta``), every
-    predicted x_0 clipped to [-1, 1] (Ho et al. 2020 §3.3), from ``noise`` (x_T or its shape, as in
-    :func:`sample`); returns them in [0, 1]."""
+    predicted x_0 clipped to [-1, 1] (Ho et al. 2020 §3.3) and then passed through ``x0_fn`` if given, from
+    ``noise`` (x_T or its shape, as in :func:`sample`); returns them in [0, 1]."""
+    clip = static_clip(1.0)
     x = sample(
         diffusion,
         model_fn,
@@ -264,7 +266,7 @@ def sample_images(
         steps=options["steps"],
         eta=options["eta"],
         generator=generator,
-        x0_fn=static_clip(1.0),
+        x0_fn=clip if x0_fn is None else lambda x0: x0_fn(clip(x0)),
         progress=progress,
         device=device,
     )
