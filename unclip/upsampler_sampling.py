@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 from collections.abc import Mapping
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -234,10 +235,8 @@ def upsample(
         )
     device = next(upsampler.parameters()).device
     condition = low_res.to(device, torch.float32) * 2 - 1
-    x0_fn = None
-    if options["consistent"]:
-        clean, scale = condition, upsampler.scale
-        x0_fn = lambda x0: back_project(x0, clean, scale)  # noqa: E731
+    # bound to the clean input: noise augmentation below replaces ``condition``
+    x0_fn = partial(back_project, low_res=condition, scale=upsampler.scale) if options["consistent"] else None
     level = None
     if upsampler.config.noise_aug:
         level = torch.full((b,), options["aug_level"], device=device)

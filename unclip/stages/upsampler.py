@@ -258,7 +258,9 @@ class UpsamplerStage(Stage):
     def loss(self, model: torch.nn.Module, batch: torch.Tensor) -> tuple[torch.Tensor, dict[str, Any]]:
         stage = self.cfg.stage
         scale = _scale(stage)
-        crops = random_crops(batch.permute(0, 3, 1, 2), self.crop, scale, None, stage.edge_crop_fraction)
+        crops = random_crops(
+            batch.permute(0, 3, 1, 2), self.crop, scale, edge_fraction=stage.edge_crop_fraction
+        )
         images = model_range(crops)
         condition = degrade(
             box_downsample(images, scale),
