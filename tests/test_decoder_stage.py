@@ -75,11 +75,16 @@ def test_decoder_config_composes_and_bad_values_are_named(compose_cfg, clip_dirs
     assert stage.image_size == 64 and stage.model.preset == "tiny" and stage.variance == "learned"
     assert stage.image_embedding_drop == pytest.approx(0.1) and stage.caption_drop == pytest.approx(0.5)
     assert set(stage.sampling) == {"sampler", "steps", "eta", "guidance_scale"}
+    assert stage.edge_loss_weight == 0.0
+    recipe = compose_cfg(["experiment=shapes_decoder", f"stage.clip={clip_dirs[0]}"])
+    validate(recipe)
+    assert recipe.stage.edge_loss_weight == 10.0 and recipe.stage.variance == "fixed_small"
     with pytest.raises(ConfigError, match="stage.clip"):
         Trainer(compose_cfg(["stage=decoder"]), "unused")
     for override, key in [
         ("stage.caption_drop=1.5", "stage.caption_drop"),
         ("stage.image_embedding_drop=-0.1", "stage.image_embedding_drop"),
+        ("stage.edge_loss_weight=-1", "stage.edge_loss_weight"),
         ("stage.prediction=score", "stage.prediction"),
         ("stage.variance=huge", "stage.variance"),
         ("stage.image_size=60", "stage.image_size"),
@@ -124,6 +129,22 @@ def test_loss_shapes_and_dropout_of_each_condition():
     assert not torch.allclose(loss(z, tokens, 0.0, 0.0), loss(other_z, tokens, 0.0, 0.0))
     assert torch.allclose(loss(z, tokens, 0.0, 0.999999), loss(z, other_tokens, 0.0, 0.999999))
     assert not torch.allclose(loss(z, tokens, 0.0, 0.0), loss(z, other_tokens, 0.0, 0.0))
+
+
+def test_edge_loss_weight_reweights_the_loss_only():
+    decoder = small_decoder()
+    images = -torch.ones(2, 3, 16, 16)
+    images[:, :, 4:10, 6:12] = 1.0
+    z = torch.randn(2, 32, generator=torch.Generator().manual_seed(0))
+    tokens = torch.tensor([[49406, 49407]] * 2)
+
+    def terms(edge):
+        torch.manual_seed(3)  # same timesteps and noise
+        return decoder(images, z, tokens, edge_loss_weight=edge)
+
+    plain, edged = terms(0.0), terms(10.0)
+    torch.testing.assert_close(edged["mse"], plain["mse"])
+    assert not torch.allclose(edged["loss"], plain["loss"])
 
 
 def test_drop_rates_are_those_configured(monkeypatch):

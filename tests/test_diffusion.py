@@ -20,7 +20,7 @@ from unclip.diffusion import (
     space_timesteps,
     static_clip,
 )
-from unclip.diffusion.gaussian import discretized_gaussian_log_likelihood, normal_kl
+from unclip.diffusion.gaussian import discretized_gaussian_log_likelihood, edge_emphasis, normal_kl
 from unclip.errors import ConfigError
 
 
@@ -200,6 +200,32 @@ def test_training_losses_plain_mse_and_timesteps():
         GaussianDiffusion(make_schedule("linear", 100), variance="learned").training_losses(
             lambda x, tt: x, torch.zeros(2, 3, 4, 4), torch.zeros(2, dtype=torch.long)
         )
+
+
+def test_edge_emphasis_moves_weight_onto_the_outline_and_keeps_each_image_total():
+    images = -torch.ones(2, 3, 16, 16)
+    images[0, :, 4:12, 4:12] = 1.0  # a square: its outline is the detail
+    weight = edge_emphasis(images, strength=9.0)
+    assert weight.shape == (2, 1, 16, 16)
+    torch.testing.assert_close(weight.mean(dim=(1, 2, 3)), torch.ones(2))
+    torch.testing.assert_close(weight[1], torch.ones(1, 16, 16))  # flat image: plain mean
+    outline, inside, outside = weight[0, 0, 4, 8], weight[0, 0, 8, 8], weight[0, 0, 0, 0]
+    torch.testing.assert_close(outline / outside, torch.tensor(10.0))
+    torch.testing.assert_close(inside, outside)
+
+
+def test_pixel_weight_changes_the_loss_but_not_the_reported_mse():
+    diffusion = GaussianDiffusion(make_schedule("linear", 100), "x0")
+    x0 = torch.randn(4, 3, 8, 8, generator=_gen(1))
+    t, noise = torch.full((4,), 50), torch.randn(4, 3, 8, 8, generator=_gen(2))
+    plain = diffusion.training_losses(lambda x, tt: torch.zeros_like(x), x0, t, noise)
+    ones = diffusion.training_losses(lambda x, tt: torch.zeros_like(x), x0, t, noise, torch.ones(4, 1, 8, 8))
+    torch.testing.assert_close(ones["loss"], plain["loss"])
+    weight = torch.zeros(4, 1, 8, 8)
+    weight[..., 0, 0] = 64.0  # all the weight on one pixel
+    weighted = diffusion.training_losses(lambda x, tt: torch.zeros_like(x), x0, t, noise, weight)
+    torch.testing.assert_close(weighted["mse"], plain["mse"])
+    torch.testing.assert_close(weighted["loss"], (x0[:, :, 0, 0] ** 2).mean(1))
 
 
 class TinyLearnedVarianceNet(nn.Module):

@@ -12,7 +12,7 @@ import torch
 from PIL import Image
 
 from unclip.errors import DataError
-from unclip.images import fit_square, load_image, save_png, to_uint8
+from unclip.images import detail_map, fit_square, load_image, save_png, to_uint8
 
 RED, BLUE = (255, 0, 0), (0, 0, 255)
 
@@ -156,3 +156,13 @@ def test_real_photographs_and_files_from_scikit_image():
         image = load_image(folder / name)
         assert image.shape[0] == 3 and image.min() >= 0 and image.max() <= 1, name
         assert fit_square(image, 64).shape == (3, 64, 64)
+
+
+def test_detail_map_marks_pixels_next_to_an_edge_in_batches_of_any_shape():
+    images = torch.zeros(2, 3, 3, 8, 8)
+    images[0, 1, 2, :, 4:] = 1.0  # a vertical edge in one channel of one image
+    detail = detail_map(images, 0.5)
+    assert detail.shape == (2, 3, 8, 8) and detail.dtype == torch.bool
+    assert detail[0, 1, :, 3:5].all() and detail.sum() == 16  # the columns either side of the edge
+    assert torch.equal(detail_map(images[0, 1], 0.5), detail[0, 1])
+    assert not detail_map(images, 1.0).any()  # a spread of exactly the threshold is not detail

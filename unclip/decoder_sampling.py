@@ -35,7 +35,7 @@ from unclip.diffusion import (
     sample_images,
     space_timesteps,
 )
-from unclip.diffusion.gaussian import ModelFn, diffusion_from_options
+from unclip.diffusion.gaussian import ModelFn, diffusion_from_options, edge_emphasis
 from unclip.errors import CheckpointError, ConfigError
 from unclip.io import load_state_strict, plain_lists, read_component_config, save_tensors, write_yaml
 from unclip.models.decoder import Decoder, DecoderConfig, cat_conditions, decoder_paper, decoder_tiny
@@ -126,12 +126,15 @@ class DiffusionDecoder(nn.Module):
         caption_tokens: Tensor | None,
         image_embedding_drop: float = 0.0,
         caption_drop: float = 0.0,
+        edge_loss_weight: float = 0.0,
     ) -> dict[str, Tensor]:
         """Per-sample training losses for (B, 3, S, S) images in [-1, 1] at uniform timesteps.
 
         Each sample's CLIP embedding is replaced by the learned null embedding with probability
         ``image_embedding_drop`` and, independently, its caption is hidden with probability ``caption_drop``
-        (§2.1). Everything runs inside ``forward`` so that DDP sees every parameter used.
+        (§2.1). ``edge_loss_weight`` > 0 weights the squared error near the images' edges that much more
+        (:func:`~unclip.diffusion.gaussian.edge_emphasis`). Everything runs inside ``forward`` so that DDP
+        sees every parameter used.
         """
         batch, device = len(images), images.device
         t = self.diffusion.sample_timesteps(batch, device=device)
@@ -141,7 +144,11 @@ class DiffusionDecoder(nn.Module):
             drop_image_embedding=torch.rand(batch, device=device) < image_embedding_drop,
             drop_caption=torch.rand(batch, device=device) < caption_drop,
         )
-        return self.diffusion.training_losses(lambda x_t, t_: self.net(x_t, t_, cond), images.float(), t)
+        images = images.float()
+        weight = edge_emphasis(images, edge_loss_weight) if edge_loss_weight > 0 else None
+        return self.diffusion.training_losses(
+            lambda x_t, t_: self.net(x_t, t_, cond), images, t, pixel_weight=weight
+        )
 
     def guided_model(
         self,

@@ -117,6 +117,14 @@ def model_range(pixels: torch.Tensor) -> torch.Tensor:
     return pixels.float() / 127.5 - 1.0
 
 
+def detail_map(images: torch.Tensor, threshold: float) -> torch.Tensor:
+    """(..., H, W) bool: pixels of float (..., C, H, W) images whose 3 x 3 neighbourhood spans more than
+    ``threshold`` in some channel (edges and texture; flat regions are False)."""
+    flat = images.reshape(-1, *images.shape[-3:])
+    spread = F.max_pool2d(flat, 3, 1, 1) + F.max_pool2d(-flat, 3, 1, 1)
+    return spread.amax(1).reshape(*images.shape[:-3], *images.shape[-2:]) > threshold
+
+
 def load_image(path: str | Path) -> torch.Tensor:
     """Read an image file as a (3, H, W) float32 tensor in [0, 1], upright as its EXIF tag says."""
     path = Path(path)

@@ -248,6 +248,7 @@ class DecoderStageConfig(StageConfig):
     loss_weighting: str = "none"  # none | min_snr
     image_embedding_drop: float = 0.1
     caption_drop: float = 0.5
+    edge_loss_weight: float = 0.0  # > 0: more loss near edges (unclip.diffusion.gaussian.edge_emphasis)
     sampling: DecoderSamplingConfig = field(default_factory=DecoderSamplingConfig)
     # held-out images decoded per eval split, with their captions and (if set) without
     eval_images: int = 100

@@ -16,6 +16,7 @@ from torch import Tensor
 
 from unclip.diffusion.schedule import NoiseSchedule, make_schedule
 from unclip.errors import ConfigError
+from unclip.images import detail_map
 
 PREDICTIONS = ("eps", "x0", "v")
 VARIANCES = ("fixed_small", "fixed_large", "learned")
@@ -33,6 +34,19 @@ Timestep = Tensor | int
 def mean_flat(x: Tensor) -> Tensor:
     """Mean over every dimension but the batch one."""
     return x.mean(dim=tuple(range(1, x.ndim)))
+
+
+def edge_emphasis(x0: Tensor, strength: float, threshold: float = 0.1) -> Tensor:
+    """(B, 1, H, W) per-pixel loss weights for clean images x0 in [-1, 1]: 1 + ``strength`` on pixels within
+    one of an edge (:func:`~unclip.images.detail_map`, a 3 x 3 spread above ``threshold``, about 13 grey
+    levels), divided by each image's mean weight so that its total weight stays one.
+
+    On flat-colour images most pixels are background that the model gets right early, so the plain mean
+    squared error spends little gradient on the outline that makes a star a star; this moves weight onto it,
+    as focal or boundary-weighted losses do in segmentation. The minimiser moves from E[x0 | x_t] to
+    E[w x0 | x_t] / E[w | x_t], which differs only where x_t leaves the outline uncertain."""
+    weight = 1.0 + strength * detail_map(x0, threshold).unsqueeze(1).float()
+    return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
 
 
 def interpolate_log_variance(var_values: Tensor, min_log: Tensor | float, max_log: Tensor | float) -> Tensor:
@@ -221,15 +235,22 @@ class GaussianDiffusion:
         return t.to(device)
 
     def training_losses(
-        self, model_fn: ModelFn, x0: Tensor, t: Tensor, noise: Tensor | None = None
+        self,
+        model_fn: ModelFn,
+        x0: Tensor,
+        t: Tensor,
+        noise: Tensor | None = None,
+        pixel_weight: Tensor | None = None,
     ) -> dict[str, Tensor]:
         """Per-sample losses for a batch: ``loss`` (what to minimise), ``mse`` (unweighted), and for learned
         variance ``vb``, the variational bound term L_t in bits per dimension.
 
         ``loss`` is w(t) * mse, plus, for learned variance, the hybrid term lambda * T * L_t (Nichol &
         Dhariwal 2021, §3.1: lambda * L_vlb with L_vlb = T E_t[L_t]). The VB term sees the predicted mean
-        through a stop-gradient, so it trains only the variance. Everything after the network runs in float32
-        with autocast off, so bf16/fp16 outputs cannot overflow the exponentials.
+        through a stop-gradient, so it trains only the variance. ``pixel_weight`` (broadcastable to x0, e.g.
+        :func:`edge_emphasis`) weights each pixel's squared error in ``loss``, not in ``mse``. Everything
+        after the network runs in float32 with autocast off, so bf16/fp16 outputs cannot overflow the
+        exponentials.
         """
         if noise is None:
             noise = torch.randn_like(x0)
@@ -243,8 +264,10 @@ class GaussianDiffusion:
                     f"model output {tuple(out.shape)} does not fit data {tuple(x0.shape)} "
                     f"(variance={self.variance!r} needs {'2x' if self.learned_variance else '1x'} channels)"
                 )
-            mse = mean_flat((self.target(x0, noise, t) - mean_out) ** 2)
-            terms = {"mse": mse, "loss": self.loss_weight(t) * mse}
+            error = (self.target(x0, noise, t) - mean_out) ** 2
+            mse = mean_flat(error)
+            weighted = mse if pixel_weight is None else mean_flat(error * pixel_weight.float())
+            terms = {"mse": mse, "loss": self.loss_weight(t) * weighted}
             if var_values is not None:
                 terms["vb"] = self._vb_term(x0, x_t, t, mean_out.detach(), var_values)
                 terms["loss"] = terms["loss"] + HYBRID_VB_WEIGHT * self.num_timesteps * terms["vb"]

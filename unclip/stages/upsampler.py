@@ -85,7 +85,7 @@ from unclip.data.pixels import SplitPixels
 from unclip.data.sources import is_streaming, load_split, open_stream, skipped_samples, split_names
 from unclip.errors import ConfigError
 from unclip.eval.upsampler_eval import box_downsample, evaluate_upsampler
-from unclip.images import model_range, rgb_pixels
+from unclip.images import detail_map, model_range, rgb_pixels
 from unclip.models.upsampler import UpsamplerConfig
 from unclip.stages.base import Stage, image_diffusion_settings
 from unclip.upsampler_sampling import DiffusionUpsampler, check_sampling, upsampler_config
@@ -174,13 +174,6 @@ def _check(stage: DictConfig) -> None:
             f"stage.sampling.tile_size={sampling['tile_size']} and tile_overlap={sampling['tile_overlap']} "
             f"must be multiples of {multiple} (the U-Net's size multiple)"
         )
-
-
-def detail_map(image: torch.Tensor, threshold: float) -> torch.Tensor:
-    """(H, W) bool: pixels of a (C, H, W) float image whose 3 x 3 neighbourhood spans more than ``threshold``
-    in some channel (edges and texture; flat regions are False)."""
-    spread = F.max_pool2d(image[None], 3, 1, 1) + F.max_pool2d(-image[None], 3, 1, 1)
-    return spread[0].amax(0) > threshold
 
 
 def random_crops(
