@@ -21,7 +21,7 @@ stage "1/8 CLIP -> $OUT/clip" \
   unclip-train experiment=shapes_clip hydra.run.dir="$OUT/clip" "$@"
 stage "2/8 prior -> $OUT/prior" \
   unclip-train experiment=shapes_prior stage.clip="$OUT/clip/export" hydra.run.dir="$OUT/prior" "$@"
-# the decoder recipe is 1300 steps (12.5-21 min by host); 800 fit the demo's budget
+# the decoder recipe is 1300 steps (10.5-21 min by host); 800 fit the demo's budget
 stage "3/8 decoder (64 px) -> $OUT/decoder" \
   unclip-train experiment=shapes_decoder stage.clip="$OUT/clip/export" hydra.run.dir="$OUT/decoder" \
   trainer.max_steps=800 trainer.checkpoint_every=400 stage.eval_images=50 stage.eval_without_caption=false "$@"

@@ -44,7 +44,9 @@ def edge_emphasis(x0: Tensor, strength: float, threshold: float = 0.1) -> Tensor
     On flat-colour images most pixels are background that the model gets right early, so the plain mean
     squared error spends little gradient on the outline that makes a star a star; this moves weight onto it,
     as focal or boundary-weighted losses do in segmentation. The minimiser moves from E[x0 | x_t] to
-    E[w x0 | x_t] / E[w | x_t], which differs only where x_t leaves the outline uncertain."""
+    E[w x0 | x_t] / E[w | x_t], which differs where x_t leaves the outline uncertain: at high noise that is
+    everywhere, and on ``shapes`` a decoder so trained drew extra objects from the prior's embeddings
+    (measured in :mod:`unclip.stages.decoder`)."""
     weight = 1.0 + strength * detail_map(x0, threshold).unsqueeze(1).float()
     return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
 
