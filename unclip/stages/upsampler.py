@@ -197,8 +197,9 @@ def random_crops(
     if edge_fraction > 0:  # no extra draw otherwise, so uniform crops stay as they were
         chosen = (torch.rand(b, generator=generator) < edge_fraction).nonzero().flatten().tolist()
         one_level = 1.0 if images.dtype == torch.uint8 else 2 / 255
-        for i, low in zip(chosen, F.avg_pool2d(images[chosen].float(), grid) if chosen else []):
-            pixels = detail_map(low, one_level).nonzero()
+        details = detail_map(F.avg_pool2d(images[chosen].float(), grid), one_level) if chosen else []
+        for i, detail in zip(chosen, details):
+            pixels = detail.nonzero()
             if len(pixels):
                 pick = pixels[torch.randint(0, len(pixels), (1,), generator=generator)[0]]
                 row, col = (pick * grid).tolist()
