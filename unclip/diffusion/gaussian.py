@@ -46,7 +46,7 @@ def edge_emphasis(x0: Tensor, strength: float, threshold: float = 0.1) -> Tensor
     as focal or boundary-weighted losses do in segmentation. The minimiser moves from E[x0 | x_t] to
     E[w x0 | x_t] / E[w | x_t], which differs where x_t leaves the outline uncertain: at high noise that is
     everywhere, and on ``shapes`` a decoder so trained drew extra objects from the prior's embeddings
-    (measured in :mod:`unclip.stages.decoder`)."""
+    (measured in recipes/shapes/DECODER.md)."""
     weight = 1.0 + strength * detail_map(x0, threshold).unsqueeze(1).float()
     return weight / weight.mean(dim=(1, 2, 3), keepdim=True)
 

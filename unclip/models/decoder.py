@@ -78,7 +78,7 @@ def decoder_tiny() -> DecoderConfig:
     stem, levels of 24/48/48 channels at 32/16/8 px, attention (24-channel heads) at 16 and 8 px, and no
     GroupNorm before the output convolution (``output_norm=False``). It replaced a 4 x 4 stem with 48/96/96
     channels, 1.2-1.5x faster per step on 2 CPU cores, whose x_0 estimates stayed blurred; the measurements
-    and the recipe's learning curve are in stages/decoder.py."""
+    and the recipe's learning curve are in recipes/shapes/DECODER.md."""
     return DecoderConfig()
 
 

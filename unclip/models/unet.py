@@ -41,7 +41,7 @@ class UNetConfig:
     ``context_dim`` is the width of the conditioning tokens (``None``: self-attention only);
     ``learn_sigma`` doubles the output channels for the learned variance of Nichol & Dhariwal 2021 §3.1;
     ``output_norm`` keeps ADM's GroupNorm before the output convolution; an x_0 target of flat colours is
-    learnt faster without it (measured in :mod:`unclip.stages.decoder`).
+    learnt faster without it (measured in recipes/shapes/DECODER.md).
     """
 
     in_channels: int = 3

@@ -9,204 +9,21 @@ encodes. Evaluation decodes the true embeddings of held-out images (:mod:`unclip
 writes the decoder's component folder, which records the CLIP fingerprint so it is never paired with another
 CLIP.
 
-Defaults that differ from the paper's (eps prediction, no shift), chosen by measurement on ``shapes`` (tiny
-preset, 64 px, batch 32, lr 1e-3, tiny_convnet CLIP of the CLIP recipe; two runs side by side on one core
-each; evaluation on 50 held-out images of seen pairs, guided DDIM 25 at scale 3):
+Choices for ``shapes`` (``conf/experiment/shapes_decoder.yaml``), each measured; every table, the variants
+tried and the learning curves are in ``recipes/shapes/DECODER.md``:
 
-    prediction / weighting   shift  steps  colour  position  CLIP cosine  samples
-    v / min-SNR              1      700    0.44    0.08      0.16         blobs under heavy pixel noise
-    v / min-SNR              2      700    0.56    0.14      0.17         blobs under heavy pixel noise
-    v / none                 2      420    0.68    0.10      0.25         blobs under pixel noise
-    x0 / none                1      420    0.10    0.02      0.16         flat backgrounds, few objects
-    x0 / none                2      420    0.26    0.04      0.44         clean; objects often missing
-    x0 / none (default)      4      420    0.46    0.14      0.57         clean blobs in the right places
+- x_0 prediction and a logSNR shift of 4 (the paper: eps, no shift). Flat images decide colour and layout at
+  high noise, and through the space-to-depth stem a clean, flat x_0 is easier to draw than per-pixel noise.
+- ``stage.variance=fixed_small`` in the recipe (the stage default stays the paper's learned variance): the
+  learned variance's loss term cost low-noise accuracy, and DDIM, the default sampler, never uses it.
+- ``stage.edge_loss_weight`` (off): weighting the x_0 error near edges keeps a star's points, but from the
+  prior's embeddings it draws extra objects.
 
-Our reading, not separately measured: through the 4 x 4 stem the network predicts 16 pixels per output
-position, where a clean, flat x0 is easy to draw and per-pixel noise (what eps and, at low noise, v must
-predict) is hard; min-SNR weighting also gives the low-noise steps little weight. The recipe
-(``experiment=shapes_decoder``, 1300 steps, 21 min of training on 2 cores) then gives, on 100 held-out images
-per split, with captions (without: within 0.05):
-
-    minutes  seen pairs: colour shape position cosine   held-out pairs: colour shape position cosine
-    5.2      0.41  0.17  0.11  0.55                     0.36  0.22  0.12  0.54
-    10.5     0.75  0.26  0.38  0.76                     0.86  0.29  0.29  0.78
-    16.0     0.88  0.25  0.55  0.79                     0.91  0.30  0.50  0.82
-    21.0     0.77  0.24  0.56  0.78                     0.87  0.27  0.56  0.80
-    40*      0.79  0.23  0.61  0.82                     0.80  0.22  0.56  0.81
-
-(* resumed from the 21-minute run for 1300 more steps with max_steps=2600, so its cosine learning rate
-restarted at 5.4e-4.) Shuffled-pairs CLIP cosine: 0.00 on seen and 0.07 on held-out pairs. Colour, size and
-position are learnt from the CLIP embedding; shape is not: every object is drawn as a round blob, and the
-caption, which names the shape, is ignored -- the denoising error is the same with the caption dropped. The
-CLIP embedding itself holds little shape (an MLP probe trained on the training split's embeddings reads shape
-at 0.84 on seen and 0.23 on held-out pairs).
-
-With the later CLIP recipe, whose embeddings hold shape (a linear probe: 0.98 seen, 0.91 held out) but less
-position (0.30 against 0.61), the same decoder recipe (21 min of training, 23 min for the command) gives, on
-100 held-out images per split with captions: colour 0.88 / 0.91, shape 0.25 / 0.25, position 0.11 / 0.09,
-size 0.74 / 0.79, CLIP cosine 0.59 / 0.62 (shuffled -0.05 / 0.03). The objects are still soft round blobs,
-with DDIM 15 and with ancestral DDPM 250 alike, so the shape the embedding carries is not drawn. A 2 x 2 stem
-with 24/48/48 channels and attention at 16 and 8 px (1.4 s a step against 0.9 s) reached, at step 650 (50
-images per split): colour 0.88 / 0.80, shape 0.30 / 0.22, cosine 0.64 / 0.70, against 0.70 / 0.82, 0.20 /
-0.30, 0.51 / 0.61 for the default at the same step: a little more per step, shape still at chance.
-
-Where the shape is lost. The evaluation also reports :func:`~unclip.eval.decoder_eval.denoising_profile`:
-the error of the decoder's one-step x_0 estimate from the true image noised to t, beside the error of the
-noisy image itself. For the recipe's settings stopped at 650 steps (6.5 min of training; colour 0.82 / 0.84,
-shape 0.26 / 0.34 on 50 images per split), seen pairs, T = 1000, logSNR shift 4:
-
-    t                       0        50       150      300      599
-    decoder's x_0 error     0.0205   0.0184   0.0190   0.0213   0.0297
-    noisy input's error     0.0007   0.133    1.02     4.37     30.8
-
-The decoder cannot reproduce even a clean image (t = 0): its estimate is a blur of about 3 px, the same at
-every low noise level, and starting DDIM from the true image noised to t = 150 (logSNR 0, where the shape
-is plain to see) draws shape no better than from pure noise (0.29 on 48 images). So the blobs are not a
-failure to choose a shape at high noise but the network's inability, at this point of training, to draw
-detail at all. Learning the near-identity map through the 4 x 4 stem (48 values per 4 x 4 cell into 48
-channels and back) is slow: the tiny U-Net trained only to restore lightly noised renders (t < 100, batch
-32, lr 1e-3) reaches x_0 error 0.011 after 150 steps and 0.0064 after 300. Tried at 650 steps of the
-recipe, none better: truncated-SNR weighting of the x_0 error, clamp(SNR, 1, 20) (colour 0.60 / 0.62, shape
-0.26 / 0.28, x_0 still blurred at t = 50); a full-resolution output head that mixes the noisy input into the
-pixel-shuffled features (16 channels, two 3 x 3 convolutions, 19 % slower: colour 0.48 / 0.46, shape 0.26 /
-0.16, x_0 error 0.023 at t = 0). On the restoring task alone: 96 channels at the first level 0.009 after 150
-steps, 1.7x slower; lr 3e-3 0.013. Also measured (50 images per split, seen / held-out pairs):
-
-    run                                          x_0 error at t = 0   colour       shape        training
-    recipe, 650 (above)                          0.0205 / 0.0174      0.82 / 0.84  0.26 / 0.34  6:30
-    recipe, 1300                                 0.0189 / 0.0176      0.86 / 0.88  0.30 / 0.24  12:14
-    2 x 2 stem, 24/48/48, attention 16 and 8 px  0.0134 / 0.0117      0.76 / 0.60  0.34 / 0.18  7:56
-    identity path: x_t added to the output
-      through a gate from the timestep embedding 0.0159 / 0.0146      0.56 / 0.66  0.22 / 0.20  5:59
-
-The last two ran 650 steps; the identity path was removed again. Training times vary by up to 15 % with
-the host's speed. The error falls slowly with training, faster with the 2 x 2 stem, but none of these
-draws shape yet.
-
-The output GroupNorm. ADM normalises the last features before the output convolution, which removes each
-image's mean and scale per channel group; an x_0 target of flat colours has to rebuild its absolute levels
-past that. Screened with the stage's own loss (batch 32, lr 1e-3, EMA 0.99, 64 seen-pair images; x_0 error
-at t = 50 / 150 / 300 / 599 after 500 steps):
-
-    4 x 4 stem, 48/96/96 (the old preset)              0.0211  0.0211  0.0229  0.0321
-    ... without the output GroupNorm                   0.0160  0.0172  0.0200  0.0302
-    ... and 64 channels at the first level (400 steps)  0.0168  0.0188  0.0223  0.0334
-    ... and half of each batch at t < 150               0.0134  0.0175  0.0238  0.0399
-    2 x 2 stem, 24/48/48, without the output GroupNorm  0.0132  0.0138  0.0165  0.0283
-
-The last is the tiny preset now. The recipe with it (1300 steps, 12:28 of training on a host where the old
-preset's took 12:14; 50 images per split, seen / held-out pairs) against the old preset's, above:
-
-    run                x_0 error at t = 0 / 50 / 150 / 300 / 599        colour       shape        cosine
-    old preset, 1300   0.0189  0.0139  0.0146  0.0170  0.0258           0.86 / 0.88  0.30 / 0.24  0.56 / 0.63
-    tiny preset, 1300  0.0100  0.0096  0.0108  0.0134  0.0220           0.92 / 0.90  0.32 / 0.22  0.66 / 0.70
-
-(shuffled-pairs cosine -0.07 / 0.06 and -0.03 / 0.08.) Colour now clears 0.90 and the estimates are
-sharper, but the decoder still draws a small star or square as a round dot, even from the clean image:
-reading the one-step x_0 estimate of the true image at t = 0, 10, 50 and 100 gives shape 0.33-0.35 on 48
-seen-pair images. Training half of each batch at t < 150 lowered the error at t = 50 to 0.0078 and lifted
-that one-step shape to 0.44-0.46 at t = 10 and 50, but cost colour (0.68 / 0.62) and still sampled shape at
-0.28 / 0.28, so it is not the default.
-
-Why a small star comes out round: rotation. Squares, triangles and stars are drawn at a random rotation, so
-wherever the network cannot tell the rotation, the x_0 that minimises the squared error is the average over
-rotations, a disc. The CLIP image embedding does carry the rotation: a ridge probe fitted on the training
-split's embeddings reads the angle (mod the symmetry) of seen-pair eval objects to a median error of 5.0
-degrees for stars, 5.1 for squares and 5.3 for triangles (chance: 18, 22.5 and 30). So the decoder could draw
-the rotation from the embedding from the start of sampling; the tiny one has not learnt to. Screened with the
-stage's loss (500 steps, batch 32, 64 seen-pair images): the shape read from the one-step x_0 estimate of the
-true image noised to t = 10 / 150 / 300, and colour and shape of DDIM 15 samples at scale 3:
-
-    variant                                                one-step shape       samples: colour  shape
-    tiny preset                                            0.44  0.42  0.36     0.58  0.27
-    EDM preconditioning, x_0 = c_skip x_t / a + c_out F    1.00  0.52  0.34     (not sampled: x_0 error at
-      (Karras et al. 2022, Table 1; sigma_data 0.5)                              t = 50 0.060 against 0.013)
-    two U-Nets, t < 150 and t >= 150, half the batch each  0.77  0.45  0.39     0.52  0.17
-      (eDiff-I's expert denoisers; caption encoder shared)
-    a 15 x 15 depthwise kernel per sample made from the    0.50  0.47  0.41     0.77  0.28
-      embedding, convolved with 8 channels at 32 px
-
-The skip makes the clean end exact but leaves the network to predict the noise pixel by pixel, which it cannot
-yet; the low-noise expert alone keeps shapes it is shown (trained only on t < 60 for 300 steps: 0.62 / 0.61 at
-t = 10 / 150), but neither expert creates them from noise. None of these was adopted.
-
-Accuracy against training time with the tiny preset, from one 2400-step run of the recipe (cosine learning
-rate over 2400 steps, 19:33 of training at 2.05 steps/s; its checkpoints evaluated with ``unclip-eval RUN
---checkpoint``; 50 images per split, seen / held-out pairs):
-
-    steps  minutes  colour       shape        position     CLIP cosine  x_0 error at t = 0
-    600    4.9      0.90 / 0.90  0.28 / 0.28  0.10 / 0.08  0.64 / 0.68  0.0129
-    1200   9.8      0.92 / 0.94  0.34 / 0.22  0.10 / 0.08  0.66 / 0.72  0.0097
-    2400   19.6     0.94 / 0.92  0.34 / 0.22  0.06 / 0.14  0.75 / 0.75  0.0076
-
-Colour clears 0.90 from five minutes on; shape stays at chance however long, so the recipe keeps 1300 steps,
-which fit the 20 minutes on the slower hosts too.
-
-Edge-weighted loss and fixed variance. Even from the clean image that tiny preset drew a small star as a dot.
-Two changes made its estimates faithful. ``stage.edge_loss_weight`` weights the x_0
-error within a pixel of an edge of the clean image 1 + that much, renormalised per image
-(:func:`~unclip.diffusion.gaussian.edge_emphasis`): on a flat 64 px render the outline is a few percent of the
-pixels, so the plain mean spends little gradient on what makes a star a star. ``stage.variance=fixed_small``
-drops the learned variance's hybrid term, whose gradient through the shared trunk cost low-noise accuracy;
-DDIM, the default sampler, never uses the variance. Screened with the stage's loss (500 steps, batch 32, 64
-seen-pair images; x_0 error of the one-step estimate at t = 0 / 150 / 599; shape read from it at t = 0 / 50 /
-150; colour read from it at t = 999; colour and shape of DDIM 15 samples at scale 3, where 64 images leave
-about +-0.06 of sampling noise; the first row is an earlier session's run of the same screen):
-
-    variant                        x_0 error              one-step shape    colour t=999  samples
-    tiny preset                    0.0176 0.0138 0.0283   0.44 0.44 0.42    0.38          0.62  0.22
-    edge weight 10                 0.0232 0.0127 0.0334   0.55 0.62 0.58    0.67          0.89  0.23
-    edge weight 30                 0.0347 0.0162 0.0483   0.62 0.64 0.61    0.78          0.83  0.20
-    fixed_small                    0.0129 0.0136 0.0258   0.44 0.44 0.42    0.42          0.75  0.33
-    edge weight 10 + fixed_small   0.0132 0.0124 0.0327   0.61 0.61 0.58    0.67          0.83  0.28
-
-The recipe's settings with both (edge weight 10, fixed_small; 1300 steps, 10:25 for the whole command
-including the evaluation, 1.9 GB peak), and with fixed_small alone (10:30, 1.8 GB), against the tiny preset's
-1300 steps above (50 images per split, seen / held-out pairs):
-
-    run                    x_0 error at t = 0 / 50 / 150 / 300 / 599     colour       shape        cosine
-    before, 1300           0.0100  0.0096  0.0108  0.0134  0.0220        0.92 / 0.90  0.32 / 0.22  0.66 / 0.70
-    edge 10 + fixed_small  0.0064  0.0064  0.0082  0.0115  0.0237        0.90 / 0.94  0.34 / 0.32  0.82 / 0.81
-    fixed_small (recipe)   0.0093  0.0091  0.0102  0.0128  0.0221        0.90 / 0.90  0.32 / 0.20  0.71 / 0.74
-
-With the edge weight, the estimates from a clean or lightly noised image keep the star's points and the
-square's corners, and the CLIP cosine of samples to their sources rose to 0.82 / 0.81. The samples have crisp
-edges but irregular outlines: the shape is still not chosen at mid noise (in the screen above, the one-step
-shape at t = 500 / 700 was 0.36 / 0.20), so shape stays near chance. On the same weights (100 seen / 50
-held-out images, seed 3), guidance scale 1 gave colour 0.91 / 1.00 and shape 0.35 / 0.28 against 0.83 / 0.90
-and 0.33 / 0.36 at the exported 3; DDIM 50 with eta 1 and ancestral DDPM 100 did not draw shape better (0.30
-and 0.30 on 50 seen-pair images).
-
-From the prior's embeddings the edge weight does harm. Four decoders trained as the demo trains them (800
-steps) against one CLIP and prior, each judged in the same pipeline by ``unclip-eval`` (100 captions per
-split, seen / held-out pairs, DDIM 15 at scale 3):
-
-    decoder                                colour       shape        CLIP score     Frechet distance
-    learned variance, no edge weight       0.75 / 0.92  0.27 / 0.33  0.488 / 0.569  0.447 / 0.465
-    fixed_small                            0.82 / 0.85  0.22 / 0.32  0.505 / 0.577  0.457 / 0.449
-    edge weight 10 + fixed_small           0.80 / 0.84  0.24 / 0.22  0.510 / 0.527  0.320 / 0.430
-    the same, edge weight only at SNR > 1  0.73 / 0.71  0.21 / 0.24  0.474 / 0.506  0.346 / 0.335
-
-The scores are close (100 captions leave about +-0.05 on an accuracy), but the samples are not: for "a small
-yellow square in the top left" the edge-weighted decoder draws four to six yellow blobs with pale halos, where
-the others draw one. Weighting the outline pulls the least-squares answer toward images that have an edge
-wherever the input leaves it uncertain, which at high noise is everywhere; restricting the weight to SNR > 1,
-where the posterior is narrow, removed most of the extra blobs but lost colour. So the recipe uses fixed_small
-alone, and ``edge_loss_weight`` stays an option, off by default.
-
-Accuracy against training time with edge weight 10 and fixed_small, from one 2400-step run
-(``trainer.max_steps=2400 trainer.eval_every=600``; cosine learning rate over 2400 steps; 20:03 for the
-command including the four evaluations; 50 images per split, seen / held-out pairs):
-
-    steps  colour       shape        size         position     CLIP cosine  x_0 error at t = 0
-    600    0.90 / 0.86  0.30 / 0.24  0.84 / 0.80  0.06 / 0.18  0.70 / 0.74  0.0101
-    1200   0.88 / 0.90  0.30 / 0.34  0.90 / 0.86  0.06 / 0.16  0.82 / 0.79  0.0055
-    1800   0.98 / 0.96  0.38 / 0.26  0.94 / 0.92  0.08 / 0.12  0.86 / 0.83  0.0044
-    2400   0.96 / 0.98  0.40 / 0.26  0.92 / 0.94  0.08 / 0.08  0.86 / 0.84  0.0039
-
-Every measure is above the earlier recipe's at the same step (2400: colour 0.94 / 0.92, shape 0.34 / 0.22,
-cosine 0.75 / 0.75), but shape climbs slowly on seen pairs and not on held-out ones, far from the 0.85 asked;
-the recipe keeps 1300 steps so that slower hosts stay within 20 minutes.
+On the true CLIP embeddings of held-out images the recipe draws the right colour (0.90 / 0.90, seen / held-out
+pairs) but squares, triangles and stars come out as discs (shape 0.32 / 0.20, chance 0.25); trained for 12,000
+steps they become lumpy polygons, and shape stays at 0.36 / 0.32. The rendering network, not the embedding, is
+what limits shape: in a 500-step screen conditioned on the exact attributes (shape, rotation, centre, size,
+colours) in place of the CLIP embedding, it drew discs too.
 """
 
 from __future__ import annotations
