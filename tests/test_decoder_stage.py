@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
 import pytest
 import torch
 from hydra.errors import ConfigCompositionException
@@ -11,10 +12,11 @@ from hydra.errors import ConfigCompositionException
 from tests.conftest import FAST_RUN, compose_train, run_sample_cli
 from unclip.clip.model import ClipEncoder
 from unclip.config.schema import validate
+from unclip.data import shapes
 from unclip.decoder_sampling import DiffusionDecoder, decoder_config, sample_decoder
 from unclip.errors import CheckpointError, ConfigError, DataError
-from unclip.eval.decoder_eval import denoising_profile
-from unclip.images import load_image
+from unclip.eval.decoder_eval import attribute_sources, denoising_profile
+from unclip.images import load_image, model_range
 from unclip.io import read_yaml
 from unclip.models.prior import PriorConfig
 from unclip.pipeline import UnCLIPPipeline, assemble
@@ -185,6 +187,8 @@ def test_stage_trains_through_the_trainer_and_exports(trained_run, clip_dirs, da
             for key in ("colour_acc", "shape_acc", "position_acc", "clip_cosine", "clip_cosine_shuffled"):
                 assert f"{split}/{mode}{key}" in metrics
         assert {f"{split}/x0_mse@t={t}" for t in (0, 50, 150, 300, 599)} <= set(metrics)
+        sources = {f"{split}/shape_from_{s}@t={t}" for s in ("image", "condition") for t in (300, 500, 699)}
+        assert sources <= set(metrics) and all(0 <= metrics[key] <= 1 for key in sources)
     assert -1 <= metrics["eval_seen/clip_cosine"] <= 1
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert any("loss" in r and "vb" in r for r in rows)
@@ -223,6 +227,46 @@ def test_denoising_profile_scores_the_x0_estimate_against_the_noisy_input(monkey
     monkeypatch.setattr(decoder.net, "forward", lambda x_t, t, cond: torch.zeros_like(x_t).repeat(1, 2, 1, 1))
     blind = profile()
     assert blind["x0_mse@t=50"] == pytest.approx(float(true_x0.square().mean()), rel=1e-5)
+
+
+def test_attribute_sources_tell_a_conditioned_renderer_from_a_denoiser(monkeypatch):
+    """A network that draws the image its conditioning names takes every attribute from the conditioning; one
+    that draws the render nearest to x_t takes every attribute from the image; both are read exactly."""
+    records = [shapes.make_record(0, "train", i) for i in range(12)]
+    renders = torch.stack(
+        [
+            model_range(torch.from_numpy(np.asarray(shapes.render(shapes.sample_spec(0, "train", i), 64))))
+            for i in range(12)
+        ]
+    ).permute(0, 3, 1, 2)
+    decoder = small_decoder(prediction="x0").eval()
+    ab = torch.tensor(decoder.diffusion.schedule.alphas_cumprod, dtype=torch.float32)
+    index_embedding = torch.arange(12.0)[:, None].expand(12, 32)  # the fake condition is the image's index
+    monkeypatch.setattr(decoder.net, "encode_condition", lambda embedding, tokens: embedding[:, 0].long())
+
+    def sources():
+        found = attribute_sources(
+            decoder, renders, index_embedding, None, records, generator=torch.Generator().manual_seed(0)
+        )
+        assert set(found) == {
+            f"{a}_from_{source}@t={t}"
+            for a in ("colour", "shape")
+            for source in ("image", "condition")
+            for t in (30, 50, 69)
+        }
+        return found
+
+    monkeypatch.setattr(decoder.net, "forward", lambda x_t, t, cond: renders[cond].repeat(1, 2, 1, 1))
+    assert all(v == (1.0 if "condition" in k else 0.0) for k, v in sources().items())
+
+    def nearest_render(x_t, t, cond):
+        distance = (
+            (x_t[:, None] - ab[t].sqrt().view(-1, 1, 1, 1, 1) * renders[None]).square().flatten(2).sum(-1)
+        )
+        return renders[distance.argmin(1)].repeat(1, 2, 1, 1)
+
+    monkeypatch.setattr(decoder.net, "forward", nearest_render)
+    assert all(v == (1.0 if "image" in k else 0.0) for k, v in sources().items())
 
 
 def test_export_load_round_trip_and_refusals(trained_run, clip_dirs, tmp_path):

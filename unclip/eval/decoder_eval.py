@@ -14,6 +14,11 @@ as image variation does), and the output is compared with the source:
 one-step x_0 estimate from the true image noised to a few timesteps, beside the error of the noisy image
 itself. A decoder that cannot beat its own input at low noise cannot draw detail, however well it places
 colour and layout at high noise.
+
+:func:`attribute_sources` (``shapes`` data) says where each attribute of an estimate comes from: decoding an
+image noised to t with another image's conditioning, does the estimate take that attribute from the noisy
+image or from the conditioning? An attribute that never follows the conditioning is drawn from the noise,
+right in a sample only by luck.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ import torch.nn.functional as F
 from unclip.clip.model import ClipEncoder
 from unclip.decoder_sampling import DiffusionDecoder, sample_decoder
 from unclip.diffusion.gaussian import mean_flat
-from unclip.eval.shapes_reader import ATTRIBUTES, attribute_accuracy
+from unclip.eval.shapes_reader import ATTRIBUTES, attribute_accuracy, read_shape
 from unclip.images import to_uint8
 
 
@@ -111,3 +116,64 @@ def denoising_profile(
             totals[f"x0_mse@t={t}"] += float(mean_flat((estimate - x0) ** 2).sum())
             totals[f"input_mse@t={t}"] += float(mean_flat((as_is - x0) ** 2).sum())
     return {key: total / len(images) for key, total in totals.items()}
+
+
+# Timesteps of the attribute-source test, as fractions of the schedule: noisy enough that the conditioning
+# has to supply what x_t no longer shows.
+SOURCE_FRACTIONS = (0.3, 0.5, 0.7)
+
+
+@torch.no_grad()
+def attribute_sources(
+    decoder: DiffusionDecoder,
+    images: torch.Tensor,
+    image_embedding: torch.Tensor,
+    caption_tokens: torch.Tensor | None,
+    records: list[dict],
+    *,
+    generator: torch.Generator,
+    attributes: tuple[str, ...] = ("colour", "shape"),
+    fractions: tuple[float, ...] = SOURCE_FRACTIONS,
+    batch_size: int = 64,
+) -> dict[str, float]:
+    """Which input does the decoder take each attribute from? Image i of the (B, 3, S, S) ``images`` in
+    [-1, 1], noised to t = round(f * (T - 1)) for f in ``fractions``, is decoded in one step (unguided) with
+    the CLIP embedding and caption of image ``partner[i]`` (a random derangement). Over the pairs whose true
+    values of an attribute differ, the pixel reader's reading of the x_0 estimate is compared with image i's
+    (``<attribute>_from_image@t=<t>``) and with its partner's (``<attribute>_from_condition@t=<t>``); the two
+    add up to at most 1, the rest is read as neither. ``records`` hold each image's true attributes. A
+    decoder that renders what its conditioning describes takes an attribute from it once x_t shows little
+    of the object; one whose ``from_condition`` stays at chance there draws the attribute from the noise."""
+    if len(records) != len(images) or len(images) < 2:
+        raise ValueError(
+            f"attribute_sources needs >= 2 images and one record each, got {len(images)} images "
+            f"and {len(records)} records"
+        )
+    diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
+    device = decoder.net.null_image_embedding.device
+    timesteps = [round(fraction * last) for fraction in fractions]
+    partner = derangement(len(images), generator)
+    readings: dict[int, list[dict[str, str]]] = {t: [] for t in timesteps}
+    for start in range(0, len(images), batch_size):
+        x0 = images[start : start + batch_size].to(device, torch.float32)
+        other = partner[start : start + len(x0)]
+        tokens = None if caption_tokens is None else caption_tokens[other].to(device)
+        cond = decoder.net.encode_condition(image_embedding[other].to(device, torch.float32), tokens)
+        for t in timesteps:
+            x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator).to(device))
+            out = decoder.net(x_t, torch.full((len(x0),), t, device=device), cond)
+            estimate = diffusion.predict(x_t, t, diffusion.split_output(out)[0])[0]
+            readings[t].extend(read_shape(image) for image in to_uint8((estimate.clamp(-1, 1) + 1) / 2))
+    metrics = {}
+    for attribute in attributes:
+        own = [record[attribute] for record in records]
+        given = [own[j] for j in partner.tolist()]
+        differ = [i for i in range(len(own)) if own[i] != given[i]]
+        for t in timesteps:
+            read = [readings[t][i].get(attribute) for i in differ]
+            count = len(differ) or float("nan")
+            metrics[f"{attribute}_from_image@t={t}"] = sum(r == own[i] for r, i in zip(read, differ)) / count
+            metrics[f"{attribute}_from_condition@t={t}"] = (
+                sum(r == given[i] for r, i in zip(read, differ)) / count
+            )
+    return metrics

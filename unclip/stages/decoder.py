@@ -45,7 +45,8 @@ from unclip.data.sources import cache_root, load_split, skipped_samples, split_n
 from unclip.decoder_sampling import DiffusionDecoder, check_sampling, decoder_config
 from unclip.embed import EmbeddedParts
 from unclip.errors import ConfigError
-from unclip.eval.decoder_eval import denoising_profile, evaluate_decoder
+from unclip.eval.decoder_eval import attribute_sources, denoising_profile, evaluate_decoder
+from unclip.eval.shapes_reader import ATTRIBUTES
 from unclip.images import model_range
 from unclip.models.decoder import DecoderConfig
 from unclip.stages.base import Stage, image_diffusion_settings
@@ -225,6 +226,17 @@ class DecoderStage(Stage):
                 generator=torch.Generator().manual_seed(int(self.cfg.seed)),
             )
             metrics.update({f"{split}/{key}": value for key, value in profile.items()})
+            if set(ATTRIBUTES) <= set(rows.column_names):  # shapes data: the truth is known
+                records = [dict(row) for row in rows.select_columns(list(ATTRIBUTES))]
+                sources = attribute_sources(
+                    model,
+                    model_range(batch["pixels"].permute(0, 3, 1, 2)),
+                    batch["image_embedding"],
+                    batch["token_ids"],
+                    records,
+                    generator=torch.Generator().manual_seed(int(self.cfg.seed)),
+                )
+                metrics.update({f"{split}/{key}": value for key, value in sources.items()})
         return metrics
 
     def export(self, model: torch.nn.Module, folder: Path) -> None:
