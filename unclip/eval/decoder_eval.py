@@ -23,6 +23,8 @@ right in a sample only by luck.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import datasets
 import torch
 import torch.nn.functional as F
@@ -82,6 +84,36 @@ def evaluate_decoder(
 PROFILE_FRACTIONS = (0.0, 0.05, 0.15, 0.3, 0.6)
 
 
+def _one_step_estimates(
+    decoder: DiffusionDecoder,
+    images: torch.Tensor,
+    image_embedding: torch.Tensor,
+    caption_tokens: torch.Tensor | None,
+    fractions: tuple[float, ...],
+    generator: torch.Generator,
+    batch_size: int,
+    condition_of: torch.Tensor | None = None,
+) -> Iterator[tuple[int, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """For each batch of ``batch_size`` images in [-1, 1] and each t = round(f * (T - 1)) for f in
+    ``fractions``: (t, x_0, x_t, the decoder's one-step, unguided x_0 estimate from x_t). Image i is
+    conditioned on the CLIP embedding and caption of image ``condition_of[i]`` (its own by default); the
+    conditioning is encoded once per batch, for every timestep."""
+    diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
+    device = decoder.net.null_image_embedding.device
+    timesteps = [round(fraction * last) for fraction in fractions]
+    if condition_of is None:
+        condition_of = torch.arange(len(images))
+    for start in range(0, len(images), batch_size):
+        x0 = images[start : start + batch_size].to(device, torch.float32)
+        source = condition_of[start : start + len(x0)]
+        tokens = None if caption_tokens is None else caption_tokens[source].to(device)
+        cond = decoder.net.encode_condition(image_embedding[source].to(device, torch.float32), tokens)
+        for t in timesteps:
+            x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator).to(device))
+            out = decoder.net(x_t, torch.full((len(x0),), t, device=device), cond)
+            yield t, x0, x_t, diffusion.predict(x_t, t, diffusion.split_output(out)[0])[0]
+
+
 @torch.no_grad()
 def denoising_profile(
     decoder: DiffusionDecoder,
@@ -98,23 +130,14 @@ def denoising_profile(
     ``images`` in [-1, 1] (as the decoder trains on them), conditioned (unguided) on their CLIP embeddings
     and captions; and ``input_mse@t=<t>``, the error of x_t / sqrt(alpha_bar), the noisy image taken as its
     own estimate (1 / SNR(t) in expectation). Runs ``batch_size`` images at a time."""
-    diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
-    device = decoder.net.null_image_embedding.device
-    timesteps = [round(fraction * last) for fraction in fractions]
-    totals = {f"{kind}@t={t}": 0.0 for t in timesteps for kind in ("x0_mse", "input_mse")}
-    for start in range(0, len(images), batch_size):
-        x0 = images[start : start + batch_size].to(device, torch.float32)
-        tokens = None if caption_tokens is None else caption_tokens[start : start + batch_size].to(device)
-        embedding = image_embedding[start : start + batch_size].to(device, torch.float32)
-        cond = decoder.net.encode_condition(embedding, tokens)  # once for every timestep
-        for t in timesteps:
-            noise = torch.randn(x0.shape, generator=generator).to(device)
-            x_t = diffusion.q_sample(x0, t, noise)
-            out = decoder.net(x_t, torch.full((len(x0),), t, device=device), cond)
-            estimate = diffusion.predict(x_t, t, diffusion.split_output(out)[0])[0]
-            as_is = x_t / float(diffusion.schedule.sqrt_alphas_cumprod[t])
-            totals[f"x0_mse@t={t}"] += float(mean_flat((estimate - x0) ** 2).sum())
-            totals[f"input_mse@t={t}"] += float(mean_flat((as_is - x0) ** 2).sum())
+    scale = decoder.diffusion.schedule.sqrt_alphas_cumprod
+    totals: dict[str, float] = {}
+    for t, x0, x_t, estimate in _one_step_estimates(
+        decoder, images, image_embedding, caption_tokens, fractions, generator, batch_size
+    ):
+        as_is = x_t / float(scale[t])
+        for key, error in (("x0_mse", estimate - x0), ("input_mse", as_is - x0)):
+            totals[f"{key}@t={t}"] = totals.get(f"{key}@t={t}", 0.0) + float(mean_flat(error**2).sum())
     return {key: total / len(images) for key, total in totals.items()}
 
 
@@ -149,28 +172,20 @@ def attribute_sources(
             f"attribute_sources needs >= 2 images and one record each, got {len(images)} images "
             f"and {len(records)} records"
         )
-    diffusion, last = decoder.diffusion, decoder.diffusion.num_timesteps - 1
-    device = decoder.net.null_image_embedding.device
-    timesteps = [round(fraction * last) for fraction in fractions]
     partner = derangement(len(images), generator)
-    readings: dict[int, list[dict[str, str]]] = {t: [] for t in timesteps}
-    for start in range(0, len(images), batch_size):
-        x0 = images[start : start + batch_size].to(device, torch.float32)
-        other = partner[start : start + len(x0)]
-        tokens = None if caption_tokens is None else caption_tokens[other].to(device)
-        cond = decoder.net.encode_condition(image_embedding[other].to(device, torch.float32), tokens)
-        for t in timesteps:
-            x_t = diffusion.q_sample(x0, t, torch.randn(x0.shape, generator=generator).to(device))
-            out = decoder.net(x_t, torch.full((len(x0),), t, device=device), cond)
-            estimate = diffusion.predict(x_t, t, diffusion.split_output(out)[0])[0]
-            readings[t].extend(read_shape(image) for image in to_uint8((estimate.clamp(-1, 1) + 1) / 2))
+    readings: dict[int, list[dict[str, str]]] = {}
+    for t, _, _, estimate in _one_step_estimates(
+        decoder, images, image_embedding, caption_tokens, fractions, generator, batch_size, partner
+    ):
+        images_read = to_uint8((estimate.clamp(-1, 1) + 1) / 2)
+        readings.setdefault(t, []).extend(read_shape(image) for image in images_read)
     metrics = {}
     for attribute in attributes:
         own = [record[attribute] for record in records]
         given = [own[j] for j in partner.tolist()]
         differ = [i for i in range(len(own)) if own[i] != given[i]]
-        for t in timesteps:
-            read = [readings[t][i].get(attribute) for i in differ]
+        for t, read_at_t in readings.items():
+            read = [read_at_t[i].get(attribute) for i in differ]
             count = len(differ) or float("nan")
             metrics[f"{attribute}_from_image@t={t}"] = sum(r == own[i] for r, i in zip(read, differ)) / count
             metrics[f"{attribute}_from_condition@t={t}"] = (
