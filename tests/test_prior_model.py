@@ -47,7 +47,7 @@ def test_later_positions_never_change_earlier_outputs():
     prior, inp = _prior(), _inputs()
     cond = prior.encode_condition(inp["text_tokens"], inp["token_mask"], inp["text_embedding"])
     outputs = []
-    hook = prior.blocks[-1].register_forward_hook(lambda mod, args, out: outputs.append(out))
+    hook = prior.blocks[0].register_forward_hook(lambda mod, args, out: outputs.append(out))
     prior(inp["x_t"], inp["t"], cond)
     prior(inp["x_t"] + 1.0, inp["t"], cond)  # x_t is the second-to-last position
     hook.remove()
@@ -136,9 +136,10 @@ def _whole_sequence(prior: PriorTransformer, x_t: torch.Tensor, t: torch.Tensor,
     return prior.out_proj(prior.ln_out(h[:, -1]))
 
 
-def test_prefix_keys_values_give_the_whole_sequence_output():
-    """Attending to the caption prefix's keys and values (computed here or cached once for every step) is
-    the network run over the whole sequence, padded captions and dropped ones included."""
+def test_cached_prefix_and_folded_last_layer_give_the_whole_sequence_output():
+    """Attending to the caption prefix's keys and values cached once for every step, and the training
+    forward (whole sequence, the last layer's keys and values folded into its one query), are the network
+    run over the whole sequence, padded captions and dropped ones included."""
     prior, inp = _prior(), _inputs()
     drop = torch.tensor([False, True, False])
     cond = prior.encode_condition(**_caption(inp), drop_caption=drop)
@@ -156,8 +157,8 @@ def test_prefix_keys_values_give_the_whole_sequence_output():
     )
 
 
-def test_prefix_gradients_match_the_whole_sequence():
-    """Training through the two-part forward gives the whole-sequence gradients."""
+def test_training_gradients_match_the_whole_sequence():
+    """Training through the forward with the folded last layer gives the whole-sequence gradients."""
     prior, inp = _prior(), _inputs()
     prior.train()
     grads = []
@@ -182,6 +183,19 @@ def test_batched_guidance_matches_separate_forwards():
         cond_out, uncond_out = prior(x2, t2, both).chunk(2)
         assert torch.allclose(cond_out, prior(inp["x_t"], inp["t"], cond), atol=1e-5)
         assert torch.allclose(uncond_out, prior(inp["x_t"], inp["t"], uncond), atol=1e-5)
+
+
+def test_bf16_autocast_runs_both_paths_close_to_fp32():
+    """Under bf16 autocast the boolean-free mask and the folded last layer take the network's dtypes."""
+    prior, inp = _prior(), _inputs()
+    cond = prior.encode_condition(**_caption(inp))
+    reference = prior(inp["x_t"], inp["t"], cond)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        whole = prior(inp["x_t"], inp["t"], cond)
+        cached = prior(inp["x_t"], inp["t"], prior.cache_prefix(cond))
+    for out in (whole, cached):
+        assert out.dtype == torch.bfloat16
+        torch.testing.assert_close(out.float(), reference, atol=0.05, rtol=0.05)
 
 
 def _caption(inp: dict) -> dict:

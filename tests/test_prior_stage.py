@@ -109,10 +109,32 @@ def test_caption_dropout_drops_only_the_caption():
     assert not torch.allclose(loss(batch, 1.0), loss(moved, 1.0))  # x_t and the target are never dropped
 
     seen = []
-    original = prior.net.encode_condition
-    prior.net.encode_condition = lambda *args: seen.append(args[3]) or original(*args)
+    original = prior.net.null_condition
+    prior.net.null_condition = lambda batch_size: seen.append(batch_size) or original(batch_size)
     prior(**_batch(n=4000), caption_drop=0.1)
-    assert 0.08 < seen[0].float().mean().item() < 0.12
+    assert 0.08 < seen[0] / 4000 < 0.12
+
+
+def test_dropped_captions_run_apart_and_give_the_masked_batch_losses():
+    """The training forward runs dropped captions as their own null-condition group (their caption tokens
+    are never computed); its losses equal those of the whole batch run with the dropped captions masked."""
+    prior, batch = _prior(), _batch(n=16)
+    torch.manual_seed(5)
+    grouped = prior(**batch, caption_drop=0.4)["loss"]
+    torch.manual_seed(5)  # the same draws, in the forward's order: timesteps, drops, then noise
+    x0 = prior.normalizer(batch["image_embedding"])
+    t = prior.diffusion.sample_timesteps(16, device=x0.device)
+    drop = torch.rand(16) < 0.4
+    assert 0 < drop.sum() < 16
+    cond = prior.net.encode_condition(
+        batch["text_tokens"].float(), batch["token_mask"], batch["text_embedding"], drop_caption=drop
+    )
+    masked = prior.diffusion.training_losses(lambda x_t, t_: prior.net(x_t, t_, cond), x0, t)["loss"]
+    torch.testing.assert_close(grouped, masked, atol=1e-5, rtol=1e-5)
+    for drop_all in (0.0, 1.0):  # one group empty: every parameter still gets a gradient (DDP needs it)
+        prior.zero_grad()
+        prior(**batch, caption_drop=drop_all)["loss"].mean().backward()
+        assert all(p.grad is not None for p in prior.parameters() if p.requires_grad)
 
 
 def test_best_of_n_keeps_the_candidate_closest_to_the_text():

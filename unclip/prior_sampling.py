@@ -169,8 +169,21 @@ class DiffusionPrior(nn.Module):
         batch = len(x0)
         t = self.diffusion.sample_timesteps(batch, device=x0.device)
         drop = torch.rand(batch, device=x0.device) < caption_drop
-        cond = self.net.encode_condition(text_tokens.float(), token_mask, text_embedding.float(), drop)
-        return self.diffusion.training_losses(lambda x_t, t_: self.net(x_t, t_, cond), x0, t)
+        # A dropped caption is the null condition, whose prefix is one token: the dropped samples run as
+        # their own group instead of carrying caption tokens that nothing attends to. Both groups run even
+        # when empty, so that every parameter takes part in every step (DDP expects it).
+        keep, dropped = (~drop).nonzero().squeeze(1), drop.nonzero().squeeze(1)
+        caption = (text_tokens[keep].float(), token_mask[keep], text_embedding[keep].float())
+        groups = [
+            (keep, self.net.encode_condition(*caption)),
+            (dropped, self.net.null_condition(len(dropped))),
+        ]
+        order = torch.cat([rows for rows, _ in groups]).argsort()
+
+        def model_fn(x_t: Tensor, t_: Tensor) -> Tensor:
+            return torch.cat([self.net(x_t[rows], t_[rows], cond) for rows, cond in groups])[order]
+
+        return self.diffusion.training_losses(model_fn, x0, t)
 
     def save(self, folder: str | Path, clip_fingerprint: str) -> None:
         """Write the component folder: ``config.yaml`` (kind, model, normalisation, schedule, CLIP

@@ -25,16 +25,17 @@ Choices the paper leaves open, and why:
 
 The causal mask makes the network cheaper than its sequence length suggests. The caption tokens and the
 pooled text embedding come first, so they attend only to one another: their hidden states, and so their keys
-and values in every layer, do not depend on x_t or t (the *prefix*). The network therefore runs in two parts:
-:meth:`PriorTransformer.prefix_keys_values` takes the prefix through the layers once, keeping each layer's
-keys and values, and the three timestep-dependent tokens (timestep, x_t, query) attend to them -- the
+and values in every layer, do not depend on x_t or t (the *prefix*). A sampler therefore takes the prefix
+through the layers once (:meth:`PriorTransformer.cache_prefix`), keeping each layer's keys and values, and
+each of its steps runs only the three timestep-dependent tokens (timestep, x_t, query) over them -- the
 key/value caching of autoregressive decoders (e.g. Pope et al. 2022, "Efficiently Scaling Transformer
-Inference", §2). A sampler caches the prefix once (:meth:`PriorTransformer.cache_prefix`) and each of its
-steps then runs 3 tokens instead of L + 4; training runs both parts per step and still skips the last
-layer's attention output and MLP on the prefix, which nothing reads. The outputs equal those of running the
-whole sequence through every layer. For the same reason trailing padding is cut from a batch's captions
-(:meth:`PriorTransformer.encode_condition`): CLIP pads every caption to its context (77 tokens), real
-captions are much shorter (``shapes``' are about 10 tokens), and the padding's work would change nothing.
+Inference", §2). Training, which sees each caption once, runs the whole sequence; in its last layer only the
+query's output is read, so only that is computed, over keys and values folded into the query
+(:meth:`SelfAttention.attend_last`). Both give the outputs of the whole sequence through every layer. For the
+same reason trailing padding is cut from a batch's captions (:meth:`PriorTransformer.encode_condition`): CLIP
+pads every caption to its context (77 tokens), real captions are much shorter (``shapes``' are about 10
+tokens), and the padding's work would change nothing; and a training batch's dropped captions run as the null
+condition, whose prefix is one token (:meth:`unclip.prior_sampling.DiffusionPrior.forward`).
 """
 
 from __future__ import annotations
@@ -138,7 +139,8 @@ def _attention_mask(token_mask: Tensor) -> Tensor:
     # The diagonal keeps fully masked rows (padded queries) finite: an all-False row would make softmax NaN.
     eye = torch.eye(seq, dtype=torch.bool, device=token_mask.device)
     allowed = causal & (key_ok[:, None, :] | eye)
-    return allowed[:, None]  # (B, 1, S, S), broadcast over heads
+    # Additive rather than boolean: SDPA's CPU kernels would convert a boolean mask at every call.
+    return torch.zeros(allowed.shape, device=allowed.device).masked_fill_(~allowed, -math.inf)[:, None]
 
 
 def concat_conditions(*conds: PriorCondition) -> PriorCondition:
@@ -193,9 +195,24 @@ class SelfAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor) -> Tensor:
         """The projected attention output (B, S_q, width) of queries q over keys k and values v."""
         out = F.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=self.dropout if self.training else 0.0
+            q, k, v, attn_mask=attn_mask.to(q.dtype), dropout_p=self.dropout if self.training else 0.0
         )
         return self.proj(out.transpose(1, 2).flatten(2))
+
+    def attend_last(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """The projected attention output (B, 1, width) of x's last position alone over all of x (B, S,
+        width), with the key and value projections folded into the query and the output."""
+        batch, seq, width = x.shape
+        dh = width // self.heads
+        weight_q, weight_k, weight_v = self.qkv.weight.view(3, self.heads, dh, width).unbind(0)
+        bias_q, _, bias_v = self.qkv.bias.view(3, self.heads, dh).unbind(0)
+        q = torch.einsum("bw,hdw->bhd", x[:, -1], weight_q) + bias_q
+        u = torch.einsum("bhd,hdw->bhw", q, weight_k) * dh**-0.5
+        scores = torch.einsum("bhw,bsw->bhs", u, x) + attn_mask[:, :, -1].to(x.dtype)
+        probs = F.dropout(scores.softmax(-1), self.dropout, self.training)
+        z = torch.einsum("bhs,bsw->bhw", probs, x)
+        out = torch.einsum("bhw,hdw->bhd", z, weight_v) + bias_v
+        return self.proj(out.flatten(1))[:, None]
 
     def forward(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         return self.attend(*self.project(x), attn_mask)
@@ -212,13 +229,26 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(self, x: Tensor, attn_mask: Tensor, past: tuple[Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self,
+        x: Tensor,
+        attn_mask: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+        last_only: bool = False,
+    ) -> Tensor:
         """``past``: keys and values of earlier positions (the cached prefix) that x's queries also see;
-        ``attn_mask`` then spans them followed by x's own positions."""
-        q, k, v = self.attn.project(self.ln_attn(x))
-        if past is not None:
-            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
+        ``attn_mask`` then spans them followed by x's own positions. ``last_only``: compute the output of
+        x's last position alone (B, 1, width), every position still serving as key and value (no ``past``)."""
+        h = self.ln_attn(x)
+        if last_only:
+            if past is not None:
+                raise ValueError("last_only attends over x itself and takes no past keys and values")
+            x = x[:, -1:] + self.drop(self.attn.attend_last(h, attn_mask))
+        else:
+            q, k, v = self.attn.project(h)
+            if past is not None:
+                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+            x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -294,7 +324,7 @@ class PriorTransformer(nn.Module):
         # Trailing positions that are padding in every row are cut: nothing attends to them (module
         # docstring), so the outputs are unchanged and short captions cost their length, not the context's.
         positions = torch.arange(1, num_tokens + 1, device=token_mask.device)
-        num_tokens = int((token_mask * positions).amax()) if num_tokens else 0
+        num_tokens = int((token_mask * positions).amax()) if token_mask.numel() else 0
         text_tokens, token_mask = text_tokens[:, :num_tokens], token_mask[:, :num_tokens]
         return PriorCondition(
             tokens=self.token_proj(text_tokens) + self.pos[:num_tokens],
@@ -315,12 +345,13 @@ class PriorTransformer(nn.Module):
             attn_mask=_attention_mask(token_mask),
         )
 
-    def prefix_keys_values(self, cond: PriorCondition) -> tuple[tuple[Tensor, Tensor], ...]:
-        """Per layer, the keys and values of the prefix (caption tokens, then the text embedding), which the
-        causal mask makes independent of x_t and t. The last layer's prefix outputs are never read, so only
-        its keys and values are computed."""
+    def cache_prefix(self, cond: PriorCondition) -> PriorCondition:
+        """``cond`` with, per layer, the keys and values of its prefix (caption tokens, then the text
+        embedding), which the causal mask makes independent of x_t and t: a sampler computes them once and
+        reuses them at every step. The last layer's prefix outputs are never read, so only its keys and
+        values are computed."""
         if cond.prefix is not None:
-            return cond.prefix
+            return cond
         h = torch.cat([cond.tokens, cond.text[:, None]], dim=1)
         size = h.shape[1]
         mask = cond.attn_mask[..., :size, :size]
@@ -331,27 +362,29 @@ class PriorTransformer(nn.Module):
             if i + 1 < len(self.blocks):
                 h = h + block.drop(block.attn.attend(q, k, v, mask))
                 h = h + block.drop(block.mlp(block.ln_mlp(h)))
-        return tuple(cache)
-
-    def cache_prefix(self, cond: PriorCondition) -> PriorCondition:
-        """``cond`` with its prefix keys and values computed, for a sampler to reuse at every step."""
-        return dataclasses.replace(cond, prefix=self.prefix_keys_values(cond))
+        return dataclasses.replace(cond, prefix=tuple(cache))
 
     def forward(self, x_t: Tensor, t: Tensor, cond: PriorCondition) -> Tensor:
-        """Predict x0 (B, D) from ``x_t`` (B, D) at timesteps ``t`` (B,), given ``cond``: the timestep, x_t
-        and query tokens attend to the prefix's keys and values (cached in ``cond`` or computed here) and to
-        one another, causally."""
+        """Predict x0 (B, D) from ``x_t`` (B, D) at timesteps ``t`` (B,), given ``cond``. With the prefix
+        cached in ``cond`` (a sampler), the timestep, x_t and query tokens attend to its keys and values;
+        without (training), the whole sequence runs through the layers at once, the last layer computing
+        only the query's output, the only one read."""
         cfg = self.config
         if cond.batch_size != x_t.shape[0]:
             raise ValueError(f"cond has batch {cond.batch_size} but x_t has batch {x_t.shape[0]}")
-        prefix = self.prefix_keys_values(cond)
         extra_pos = self.pos[cfg.max_text_tokens + 1 :]
         t_feat = timestep_embedding(t * (1000.0 / cfg.num_timesteps), cfg.width).to(x_t.dtype)
         time = self.time_mlp(t_feat) + extra_pos[0]
         image = self.image_proj(x_t) + extra_pos[1]
         query = (self.query + extra_pos[2]).expand(x_t.shape[0], -1)
-        h = torch.stack([time, image, query], dim=1)
-        mask = cond.attn_mask[..., -(_NUM_EXTRA_TOKENS - 1) :, :]
-        for block, past in zip(self.blocks, prefix):
-            h = block(h, mask, past)
+        if cond.prefix is None:
+            h = torch.cat([cond.tokens, torch.stack([cond.text, time, image, query], dim=1)], dim=1)
+            for block in self.blocks[:-1]:
+                h = block(h, cond.attn_mask)
+            h = self.blocks[-1](h, cond.attn_mask, last_only=True)
+        else:
+            h = torch.stack([time, image, query], dim=1)
+            mask = cond.attn_mask[..., -(_NUM_EXTRA_TOKENS - 1) :, :]
+            for block, past in zip(self.blocks, cond.prefix):
+                h = block(h, mask, past)
         return self.out_proj(self.ln_out(h[:, -1]))
