@@ -257,7 +257,8 @@ def w6_cascade(device: torch.device, precision: str) -> Candidate:
 
     from unclip.clip.model import ClipEncoder
     from unclip.decoder_sampling import decoder_config
-    from unclip.pipeline import UnCLIPPipeline, sampling_precision
+    from unclip.pipeline import UnCLIPPipeline
+    from unclip.precision import sampling_precision
 
     torch.manual_seed(0)
     tiny = OmegaConf.load(Path(__file__).parents[1] / "conf" / "clip_model" / "tiny_convnet.yaml")
