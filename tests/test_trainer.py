@@ -17,6 +17,7 @@ import torch
 import unclip.train.checkpoint as checkpoint_module
 from tests.conftest import FAST_CLIP, REPO
 from unclip.data import shapes
+from unclip.errors import ConfigError
 from unclip.io import load_tensors
 from unclip.train.checkpoint import latest_checkpoint
 from unclip.train.ema import EMA
@@ -115,6 +116,31 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(compose_cfg, tmp_p
 
     with pytest.raises(CheckpointError, match="model.safetensors"):
         Trainer(compose_cfg(wider), tmp_path / "b").fit()
+
+
+def test_compiled_training_matches_eager(compose_cfg, tmp_path):
+    """trainer.compile=true trains the same weights through torch.compile, saved under the same keys."""
+    if shutil.which(os.environ.get("CXX", "g++")) is None:
+        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    runs = {}
+    torch._dynamo.reset()
+    for flag in ("false", "true"):
+        cfg = compose_cfg([*FAST_CLIP, "trainer.max_steps=2", f"trainer.compile={flag}"])
+        Trainer(cfg, tmp_path / flag).fit()
+        runs[flag] = load_tensors(tmp_path / flag / "checkpoints" / "step_00000002" / "model.safetensors")
+        compiled = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+        assert (compiled > 0) == (flag == "true"), compiled
+    assert runs["true"].keys() == runs["false"].keys()
+    for key, eager in runs["false"].items():
+        torch.testing.assert_close(runs["true"][key], eager, atol=1e-4, rtol=1e-4)
+
+
+def test_compile_without_a_cpu_compiler_is_refused_before_work(compose_cfg, tmp_path, monkeypatch):
+    monkeypatch.setenv("CXX", "no-such-c++-compiler")
+    cfg = compose_cfg([*FAST_CLIP, "trainer.compile=true", "trainer.cpu=true"])
+    with pytest.raises(ConfigError, match="no-such-c\\+\\+-compiler"):
+        Trainer(cfg, tmp_path)
+    assert not tmp_path.joinpath("checkpoints").exists()
 
 
 def test_ema_follows_its_recurrence():

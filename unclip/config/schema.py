@@ -356,6 +356,8 @@ class TrainerConfig:
     # the same batches, and weights, from any number of processes
     streams: int = 0
     cpu: bool = False  # force the CPU even where a GPU is present
+    # torch.compile the model in place (checkpoints and exports unchanged); on the CPU it needs a C++ compiler
+    compile: bool = False
     progress: bool = True
 
 

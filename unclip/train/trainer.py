@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import json
 import math
+import os
+import shutil
 import time
 from collections.abc import Iterator
 from itertools import count
@@ -88,7 +90,15 @@ class Trainer:
         self.run_dir = Path(run_dir)
         t = cfg.trainer
         # auto is decided on this process's device before Accelerate sets up autocast
-        self.precision = resolve_precision(t.precision, PartialState(cpu=t.cpu).device, "trainer.precision")
+        device = PartialState(cpu=t.cpu).device
+        self.precision = resolve_precision(t.precision, device, "trainer.precision")
+        if t.compile and device.type == "cpu":
+            compiler = os.environ.get("CXX", "g++")  # what torch.compile's CPU backend (inductor) calls
+            if shutil.which(compiler) is None:
+                raise ConfigError(
+                    f"trainer.compile=true on the CPU needs a C++ compiler, and {compiler!r} is not on PATH "
+                    "(set CXX to another one); or set trainer.compile=false"
+                )
         self.accelerator = Accelerator(
             mixed_precision=self.precision.precision,
             gradient_accumulation_steps=t.grad_accum,
@@ -224,6 +234,8 @@ class Trainer:
         if acc.num_processes > 1 and acc.device.type == "cuda":
             # one set of BatchNorm statistics over the global batch (PyTorch runs SyncBatchNorm on GPUs only)
             model = torch.nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        if t.compile:
+            model.compile()  # in place: the state dict keeps its keys
         ema = EMA(model, t.ema_decay, t.ema_warmup)
         optimizer = torch.optim.AdamW(
             _param_groups(model, cfg.optim.weight_decay),
