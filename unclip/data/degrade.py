@@ -81,7 +81,7 @@ def _jpeg(image: Tensor, quality: int) -> Tensor:
     array = ((image.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
     buffer = io.BytesIO()
     Image.fromarray(array.permute(1, 2, 0).numpy()).save(buffer, format="JPEG", quality=quality)
-    decoded = np.asarray(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))
+    decoded = np.array(Image.open(io.BytesIO(buffer.getvalue())).convert("RGB"))  # writable, for torch
     return model_range(torch.from_numpy(decoded).permute(2, 0, 1)).to(image)
 
 

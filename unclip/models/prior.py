@@ -114,7 +114,8 @@ class PriorCondition:
     ``tokens`` (B, L, width): projected caption tokens with their positional embeddings.
     ``token_mask`` (B, L) bool: True for a real caption token; False for padding and for dropped captions.
     ``text`` (B, width): projected pooled text embedding (or the null one) with its positional embedding.
-    ``attn_mask`` (B, 1, L + 4, L + 4) bool: True where a query may attend to a key (causal and padding).
+    ``attn_mask`` (B, 1, L + 4, L + 4) float: 0 where a query may attend to a key (causal and padding),
+    -inf where it may not.
     ``prefix``: per layer, the keys and values (each (B, heads, L + 1, width / heads)) of the caption tokens
     and the text embedding, once :meth:`PriorTransformer.cache_prefix` has computed them; None until then.
     """
@@ -136,7 +137,7 @@ def _attention_mask(token_mask: Tensor) -> Tensor:
     seq = num_tokens + _NUM_EXTRA_TOKENS
     key_ok = F.pad(token_mask, (0, _NUM_EXTRA_TOKENS), value=True)  # (B, S)
     causal = torch.ones(seq, seq, dtype=torch.bool, device=token_mask.device).tril()
-    # The diagonal keeps fully masked rows (padded queries) finite: an all-False row would make softmax NaN.
+    # The diagonal keeps fully masked rows (padded queries) finite: an all-masked row would make softmax NaN.
     eye = torch.eye(seq, dtype=torch.bool, device=token_mask.device)
     allowed = causal & (key_ok[:, None, :] | eye)
     # Additive rather than boolean: SDPA's CPU kernels would convert a boolean mask at every call.
@@ -200,9 +201,16 @@ class SelfAttention(nn.Module):
         return self.proj(out.transpose(1, 2).flatten(2))
 
     def attend_last(self, x: Tensor, attn_mask: Tensor) -> Tensor:
-        """The projected attention output (B, 1, width) of x's last position alone over all of x (B, S,
-        width), with the key and value projections folded into the query and the output."""
-        batch, seq, width = x.shape
+        """The projected attention output (B, 1, width) of x's last position alone over all of the
+        (normalised) x (B, S, width); ``attn_mask`` (B, 1, S_q, S) holds that position's row last.
+
+        With one query, keys and values need not be projected (the weight absorption of DeepSeek-V2's
+        multi-head latent attention, arXiv 2405.04434, §2.1.2). Per head, q . (W_k x_j + b_k) =
+        (W_k^T q) . x_j + q . b_k, whose last term is the same for every j and cancels in the softmax; and
+        sum_j p_j (W_v x_j + b_v) = W_v (sum_j p_j x_j) + b_v, as the p_j sum to 1. The S positions then cost
+        O(S * width) per head instead of the O(S * width^2) of projecting their keys and values.
+        """
+        width = x.shape[-1]
         dh = width // self.heads
         weight_q, weight_k, weight_v = self.qkv.weight.view(3, self.heads, dh, width).unbind(0)
         bias_q, _, bias_v = self.qkv.bias.view(3, self.heads, dh).unbind(0)
