@@ -21,7 +21,7 @@ from unclip.errors import ConfigError
 from unclip.io import load_tensors
 from unclip.train.checkpoint import latest_checkpoint
 from unclip.train.ema import EMA
-from unclip.train.trainer import Trainer, learning_rate
+from unclip.train.trainer import Trainer, cpu_compile_missing, learning_rate
 
 
 def _losses(run_dir) -> list[float]:
@@ -120,8 +120,8 @@ def test_resume_from_a_checkpoint_of_another_model_is_refused(compose_cfg, tmp_p
 
 def test_compiled_training_matches_eager(compose_cfg, tmp_path):
     """trainer.compile=true trains the same weights through torch.compile, saved under the same keys."""
-    if shutil.which(os.environ.get("CXX", "g++")) is None:
-        pytest.skip("torch.compile on the CPU needs a C++ compiler")
+    if missing := cpu_compile_missing():
+        pytest.skip(f"torch.compile on the CPU needs {missing}")
     runs = {}
     torch._dynamo.reset()
     for flag in ("false", "true"):
@@ -135,11 +135,16 @@ def test_compiled_training_matches_eager(compose_cfg, tmp_path):
         torch.testing.assert_close(runs["true"][key], eager, atol=1e-4, rtol=1e-4)
 
 
-def test_compile_without_a_cpu_compiler_is_refused_before_work(compose_cfg, tmp_path, monkeypatch):
+def test_compile_without_its_cpu_toolchain_is_refused_before_work(compose_cfg, tmp_path, monkeypatch):
     monkeypatch.setenv("CXX", "no-such-c++-compiler")
     cfg = compose_cfg([*FAST_CLIP, "trainer.compile=true", "trainer.cpu=true"])
     with pytest.raises(ConfigError, match="no-such-c\\+\\+-compiler"):
         Trainer(cfg, tmp_path)
+    if shutil.which("g++") is not None:  # a compiler, but no Python headers
+        monkeypatch.setenv("CXX", "g++")
+        monkeypatch.setattr("sysconfig.get_path", lambda name, *args, **kwargs: str(tmp_path / "no-include"))
+        with pytest.raises(ConfigError, match="Python's headers.*no-include"):
+            Trainer(cfg, tmp_path)
     assert not tmp_path.joinpath("checkpoints").exists()
 
 

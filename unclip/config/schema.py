@@ -357,6 +357,7 @@ class TrainerConfig:
     streams: int = 0
     cpu: bool = False  # force the CPU even where a GPU is present
     # torch.compile the model in place (checkpoints and exports unchanged); on the CPU it needs a C++ compiler
+    # and Python's headers (checked before any work)
     compile: bool = False
     progress: bool = True
 

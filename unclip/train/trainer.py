@@ -19,6 +19,7 @@ import json
 import math
 import os
 import shutil
+import sysconfig
 import time
 from collections.abc import Iterator
 from itertools import count
@@ -60,6 +61,18 @@ class EpochSampler(Sampler[int]):
         return self.n
 
 
+def cpu_compile_missing() -> str | None:
+    """What torch.compile's CPU backend (inductor, which builds its kernels as C++ Python extensions) lacks
+    here, or None: a C++ compiler (``$CXX``, by default g++) or Python's headers."""
+    compiler = os.environ.get("CXX", "g++")
+    if shutil.which(compiler) is None:
+        return f"a C++ compiler, and {compiler!r} is not on PATH (set CXX to another one)"
+    headers = Path(sysconfig.get_path("include")) / "Python.h"
+    if not headers.is_file():
+        return f"Python's headers, and {headers} does not exist (install this Python's development package)"
+    return None
+
+
 def learning_rate(cfg: DictConfig, step: int) -> float:
     """Linear warmup over ``optim.warmup_steps``, then constant or cosine decay to ``min_lr_ratio * lr``."""
     lr, warmup, total = cfg.optim.lr, cfg.optim.warmup_steps, cfg.trainer.max_steps
@@ -92,13 +105,10 @@ class Trainer:
         # auto is decided on this process's device before Accelerate sets up autocast
         device = PartialState(cpu=t.cpu).device
         self.precision = resolve_precision(t.precision, device, "trainer.precision")
-        if t.compile and device.type == "cpu":
-            compiler = os.environ.get("CXX", "g++")  # what torch.compile's CPU backend (inductor) calls
-            if shutil.which(compiler) is None:
-                raise ConfigError(
-                    f"trainer.compile=true on the CPU needs a C++ compiler, and {compiler!r} is not on PATH "
-                    "(set CXX to another one); or set trainer.compile=false"
-                )
+        if t.compile and device.type == "cpu" and (missing := cpu_compile_missing()):
+            raise ConfigError(
+                f"trainer.compile=true on the CPU needs {missing}; or set trainer.compile=false"
+            )
         self.accelerator = Accelerator(
             mixed_precision=self.precision.precision,
             gradient_accumulation_steps=t.grad_accum,
