@@ -235,7 +235,7 @@ def test_attribute_sources_tell_a_conditioned_renderer_from_a_denoiser(monkeypat
     records = [shapes.make_record(0, "train", i) for i in range(12)]
     renders = torch.stack(
         [
-            model_range(torch.from_numpy(np.asarray(shapes.render(shapes.sample_spec(0, "train", i), 64))))
+            model_range(torch.from_numpy(np.array(shapes.render(shapes.sample_spec(0, "train", i), 64))))
             for i in range(12)
         ]
     ).permute(0, 3, 1, 2)
