@@ -168,7 +168,8 @@ class DiffusionPrior(nn.Module):
         x0 = self.normalizer(image_embedding.float())
         batch = len(x0)
         t = self.diffusion.sample_timesteps(batch, device=x0.device)
-        drop = torch.rand(batch, device=x0.device) < caption_drop
+        # Drawn on the host: splitting the batch by it then needs no device sync.
+        drop = torch.rand(batch) < caption_drop
         # A dropped caption is the null condition, whose prefix is one token: the dropped samples run as
         # their own group instead of carrying caption tokens that nothing attends to. Both groups run even
         # when empty, so that every parameter takes part in every step (DDP expects it).

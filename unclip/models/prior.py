@@ -237,26 +237,19 @@ class Block(nn.Module):
         self.mlp = nn.Sequential(nn.Linear(width, 4 * width), nn.GELU(), nn.Linear(4 * width, width))
         self.drop = nn.Dropout(dropout)
 
-    def forward(
-        self,
-        x: Tensor,
-        attn_mask: Tensor,
-        past: tuple[Tensor, Tensor] | None = None,
-        last_only: bool = False,
-    ) -> Tensor:
+    def forward(self, x: Tensor, attn_mask: Tensor, past: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``past``: keys and values of earlier positions (the cached prefix) that x's queries also see;
-        ``attn_mask`` then spans them followed by x's own positions. ``last_only``: compute the output of
-        x's last position alone (B, 1, width), every position still serving as key and value (no ``past``)."""
-        h = self.ln_attn(x)
-        if last_only:
-            if past is not None:
-                raise ValueError("last_only attends over x itself and takes no past keys and values")
-            x = x[:, -1:] + self.drop(self.attn.attend_last(h, attn_mask))
-        else:
-            q, k, v = self.attn.project(h)
-            if past is not None:
-                k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-            x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
+        ``attn_mask`` then spans them followed by x's own positions."""
+        q, k, v = self.attn.project(self.ln_attn(x))
+        if past is not None:
+            k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
+        return x + self.drop(self.mlp(self.ln_mlp(x)))
+
+    def forward_last(self, x: Tensor, attn_mask: Tensor) -> Tensor:
+        """The block's output (B, 1, width) at x's last position alone, every position of x still serving
+        as key and value (:meth:`SelfAttention.attend_last`)."""
+        x = x[:, -1:] + self.drop(self.attn.attend_last(self.ln_attn(x), attn_mask))
         return x + self.drop(self.mlp(self.ln_mlp(x)))
 
 
@@ -389,7 +382,7 @@ class PriorTransformer(nn.Module):
             h = torch.cat([cond.tokens, torch.stack([cond.text, time, image, query], dim=1)], dim=1)
             for block in self.blocks[:-1]:
                 h = block(h, cond.attn_mask)
-            h = self.blocks[-1](h, cond.attn_mask, last_only=True)
+            h = self.blocks[-1].forward_last(h, cond.attn_mask)
         else:
             h = torch.stack([time, image, query], dim=1)
             mask = cond.attn_mask[..., -(_NUM_EXTRA_TOKENS - 1) :, :]
