@@ -240,11 +240,18 @@ class Block(nn.Module):
     def forward(self, x: Tensor, attn_mask: Tensor, past: tuple[Tensor, Tensor] | None = None) -> Tensor:
         """``past``: keys and values of earlier positions (the cached prefix) that x's queries also see;
         ``attn_mask`` then spans them followed by x's own positions."""
+        return self.forward_with_keys_values(x, attn_mask, past)[0]
+
+    def forward_with_keys_values(
+        self, x: Tensor, attn_mask: Tensor, past: tuple[Tensor, Tensor] | None = None
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """:meth:`forward`'s output and the keys and values of x's own positions (what a cache keeps)."""
         q, k, v = self.attn.project(self.ln_attn(x))
+        own = (k, v)
         if past is not None:
             k, v = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         x = x + self.drop(self.attn.attend(q, k, v, attn_mask))
-        return x + self.drop(self.mlp(self.ln_mlp(x)))
+        return x + self.drop(self.mlp(self.ln_mlp(x))), own
 
     def forward_last(self, x: Tensor, attn_mask: Tensor) -> Tensor:
         """The block's output (B, 1, width) at x's last position alone, every position of x still serving
@@ -357,12 +364,11 @@ class PriorTransformer(nn.Module):
         size = h.shape[1]
         mask = cond.attn_mask[..., :size, :size]
         cache = []
-        for i, block in enumerate(self.blocks):
-            q, k, v = block.attn.project(block.ln_attn(h))
-            cache.append((k, v))
-            if i + 1 < len(self.blocks):
-                h = h + block.drop(block.attn.attend(q, k, v, mask))
-                h = h + block.drop(block.mlp(block.ln_mlp(h)))
+        for block in self.blocks[:-1]:
+            h, keys_values = block.forward_with_keys_values(h, mask)
+            cache.append(keys_values)
+        last = self.blocks[-1]
+        cache.append(last.attn.project(last.ln_attn(h))[1:])
         return dataclasses.replace(cond, prefix=tuple(cache))
 
     def forward(self, x_t: Tensor, t: Tensor, cond: PriorCondition) -> Tensor:
